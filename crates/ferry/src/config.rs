@@ -1,0 +1,121 @@
+//! Daemon settings: defaults < TOML config file < `FERRY_*` env < flags.
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7070";
+pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_REGISTRY_ADDR: &str = "127.0.0.1:5000";
+pub const DEFAULT_DOMAIN: &str = "localhost";
+
+/// Flags shared by the daemon modes. Each is also read from `FERRY_*` and from the config file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DaemonArgs {
+    /// TOML config file (keys: data_dir, api_addr, gateway_addr, registry_addr, domain).
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: /var/lib/ferry]
+    #[arg(long, env = "FERRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Control-plane API address; port 0 picks a free port [default: 127.0.0.1:7070]
+    #[arg(long, env = "FERRY_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Gateway (user traffic) address; port 0 picks a free port [default: 127.0.0.1:8080]
+    #[arg(long, env = "FERRY_GATEWAY_ADDR")]
+    pub gateway_addr: Option<SocketAddr>,
+    /// Registry address; port 0 picks a free port [default: 127.0.0.1:5000]
+    #[arg(long, env = "FERRY_REGISTRY_ADDR")]
+    pub registry_addr: Option<SocketAddr>,
+    /// Domain under which services are reached as `<service>.<domain>` [default: localhost]
+    #[arg(long, env = "FERRY_DOMAIN")]
+    pub domain: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    api_addr: Option<SocketAddr>,
+    gateway_addr: Option<SocketAddr>,
+    registry_addr: Option<SocketAddr>,
+    domain: Option<String>,
+}
+
+/// Settings after merging every layer.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub registry_addr: SocketAddr,
+    pub domain: String,
+}
+
+impl DaemonArgs {
+    pub fn resolve(&self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let addr = |flag: Option<SocketAddr>, file: Option<SocketAddr>, default: &str| {
+            flag.or(file).unwrap_or_else(|| default.parse().expect("default address parses"))
+        };
+        Ok(Settings {
+            data_dir: self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
+            gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
+            registry_addr: addr(self.registry_addr, file.registry_addr, DEFAULT_REGISTRY_ADDR),
+            domain: self.domain.clone().or(file.domain).unwrap_or_else(|| DEFAULT_DOMAIN.into()),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// Writes `value` as JSON to `path` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().context("path has no parent directory")?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_merge_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ferry.toml");
+        std::fs::write(&cfg, "data_dir = \"/from/file\"\napi_addr = \"127.0.0.1:1\"\n").unwrap();
+        let args = DaemonArgs {
+            config: Some(cfg.clone()),
+            api_addr: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(s.api_addr.port(), 2);
+        assert_eq!(s.gateway_addr.to_string(), DEFAULT_GATEWAY_ADDR);
+
+        std::fs::write(&cfg, "datadir = \"x\"\n").unwrap();
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(err.contains("datadir"), "{err}");
+    }
+}

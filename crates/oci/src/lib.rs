@@ -1,0 +1,9 @@
+//! ferry-oci: digests, media types, manifests and indexes (OCI and Docker v2), image config,
+//! the content-addressed on-disk store, OCI image layouts, and a client that pulls from and
+//! pushes to any registry.
+//!
+//! Owns: the OCI formats and their storage. Must not: know about services or instances.
+
+pub mod digest;
+
+pub use digest::{Algorithm, Digest, DigestError, Hasher};

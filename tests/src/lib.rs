@@ -1,0 +1,1 @@
+//! ferry-tests: in-process TestCluster support for end-to-end tests
