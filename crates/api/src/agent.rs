@@ -141,12 +141,22 @@ impl InstanceState {
 pub enum ExitReason {
     /// Asked to stop by control.
     Stopped,
-    Exited { code: i32 },
-    Signaled { signal: i32 },
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
     OomKilled,
-    ProbeFailed { message: String },
-    ImageError { message: String },
-    StartError { message: String },
+    ProbeFailed {
+        message: String,
+    },
+    ImageError {
+        message: String,
+    },
+    StartError {
+        message: String,
+    },
 }
 
 /// The agent's report of an instance, sent on every state change.
@@ -193,11 +203,19 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum AgentCommand {
-    Start { spec: Box<InstanceSpec> },
+    Start {
+        spec: Box<InstanceSpec>,
+    },
     /// SIGTERM, then SIGKILL after `grace_ms`; then everything of the instance is removed.
-    Stop { instance_id: String, grace_ms: u64 },
+    Stop {
+        instance_id: String,
+        grace_ms: u64,
+    },
     /// Pull and unpack an image ahead of use.
-    Prepull { image: ImageRef, auth: Option<RegistryAuth> },
+    Prepull {
+        image: ImageRef,
+        auth: Option<RegistryAuth>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

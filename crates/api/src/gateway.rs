@@ -55,9 +55,16 @@ pub struct Endpoint {
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum GatewayEvent {
     /// Requests are waiting for `revision` and no ready instance has room.
-    Demand { service: String, revision: String, waiting: u32 },
+    Demand {
+        service: String,
+        revision: String,
+        waiting: u32,
+    },
     /// One second of traffic, per revision.
-    Stats { at_ms: u64, revisions: Vec<RevisionStats> },
+    Stats {
+        at_ms: u64,
+        revisions: Vec<RevisionStats>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

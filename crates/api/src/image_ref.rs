@@ -38,7 +38,10 @@ impl ImageRef {
 
     /// This reference pinned to `digest` (the tag is kept for display).
     pub fn pinned(&self, digest: &str) -> ImageRef {
-        ImageRef { digest: Some(digest.to_string()), ..self.clone() }
+        ImageRef {
+            digest: Some(digest.to_string()),
+            ..self.clone()
+        }
     }
 }
 
@@ -76,14 +79,22 @@ impl FromStr for ImageRef {
             None => (path, None),
         };
         if !is_valid_repository(repository) {
-            return Err(ImageRefError::Repository(s.to_string(), repository.to_string()));
+            return Err(ImageRefError::Repository(
+                s.to_string(),
+                repository.to_string(),
+            ));
         }
         if let Some(t) = &tag
             && !is_valid_tag(t)
         {
             return Err(ImageRefError::Tag(s.to_string(), t.clone()));
         }
-        Ok(ImageRef { registry, repository: repository.to_string(), tag, digest })
+        Ok(ImageRef {
+            registry,
+            repository: repository.to_string(),
+            tag,
+            digest,
+        })
     }
 }
 
@@ -151,7 +162,8 @@ pub fn is_valid_tag(tag: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Digest syntax per the OCI image spec: `algorithm ":" encoded` with the registered
@@ -160,7 +172,8 @@ pub fn is_valid_digest(d: &str) -> bool {
     let Some((alg, enc)) = d.split_once(':') else {
         return false;
     };
-    let hex = |n: usize| enc.len() == n && enc.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let hex =
+        |n: usize| enc.len() == n && enc.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
     match alg {
         "sha256" => hex(64),
         "sha512" => hex(128),
@@ -192,7 +205,17 @@ mod tests {
 
     #[test]
     fn refuses_bad() {
-        for bad in ["", "Hello", "a//b", "a:b:c", "a@sha256:zz", "a:-x", "a__-b", "-a", "a-"] {
+        for bad in [
+            "",
+            "Hello",
+            "a//b",
+            "a:b:c",
+            "a@sha256:zz",
+            "a:-x",
+            "a__-b",
+            "-a",
+            "a-",
+        ] {
             assert!(bad.parse::<ImageRef>().is_err(), "{bad:?}");
         }
         assert!(is_valid_repository("a__b.c-d---e/f"));

@@ -5,7 +5,9 @@
 pub enum NameError {
     #[error("name {0:?}: must be 1 to 63 characters")]
     Length(String),
-    #[error("name {0:?}: only lowercase letters, digits and '-' are allowed, starting with a letter and not ending with '-'")]
+    #[error(
+        "name {0:?}: only lowercase letters, digits and '-' are allowed, starting with a letter and not ending with '-'"
+    )]
     Charset(String),
 }
 
@@ -17,7 +19,8 @@ pub fn validate_service_name(name: &str) -> Result<(), NameError> {
     let b = name.as_bytes();
     let ok = b[0].is_ascii_lowercase()
         && b[b.len() - 1] != b'-'
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
     if !ok {
         return Err(NameError::Charset(name.to_string()));
     }

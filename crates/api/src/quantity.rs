@@ -53,7 +53,7 @@ impl FromStr for Cpu {
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             write!(f, "{}m", self.0)
@@ -107,9 +107,14 @@ impl FromStr for Memory {
 
 impl fmt::Display for Memory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [(1 << 40, "Ti"), (1 << 30, "Gi"), (1 << 20, "Mi"), (1 << 10, "Ki")];
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "Ti"),
+            (1 << 30, "Gi"),
+            (1 << 20, "Mi"),
+            (1 << 10, "Ki"),
+        ];
         for (m, u) in UNITS {
-            if self.0 >= m && self.0 % m == 0 {
+            if self.0 >= m && self.0.is_multiple_of(m) {
                 return write!(f, "{}{u}", self.0 / m);
             }
         }
@@ -142,7 +147,7 @@ fn parse_decimal_scaled(s: &str, scale: u64) -> Option<u64> {
         let frac_v: u128 = frac.parse().ok()?;
         let denom = 10u128.pow(frac.len() as u32);
         let num = frac_v * u128::from(scale);
-        if num % denom != 0 {
+        if !num.is_multiple_of(denom) {
             return None;
         }
         total = total.checked_add(u64::try_from(num / denom).ok()?)?;

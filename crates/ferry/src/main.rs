@@ -2,11 +2,11 @@
 //! signals, and composes the service crates; all logic lives in those crates.
 
 mod billing;
-mod config;
 mod image;
 mod registry_cmd;
-mod server;
 mod services;
+
+use ferry::{config, server};
 
 use clap::{Parser, Subcommand};
 
@@ -69,18 +69,5 @@ fn init_logging() {
         builder.json().init();
     } else {
         builder.init();
-    }
-}
-
-/// Resolves when SIGINT or SIGTERM arrives.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

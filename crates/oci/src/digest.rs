@@ -70,12 +70,16 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (alg, enc) = s.split_once(':').ok_or_else(|| DigestError::Syntax(s.to_string()))?;
+        let (alg, enc) = s
+            .split_once(':')
+            .ok_or_else(|| DigestError::Syntax(s.to_string()))?;
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             a if !a.is_empty()
-                && a.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c)) =>
+                && a.bytes().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c)
+                }) =>
             {
                 return Err(DigestError::Algorithm(s.to_string()));
             }
@@ -85,7 +89,10 @@ impl FromStr for Digest {
         if enc.len() != n || !enc.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(DigestError::Encoded(s.to_string(), n));
         }
-        Ok(Digest { algorithm, hex: enc.to_string() })
+        Ok(Digest {
+            algorithm,
+            hex: enc.to_string(),
+        })
     }
 }
 
@@ -138,8 +145,14 @@ impl Hasher {
 
     pub fn finish(self) -> Digest {
         match self {
-            Hasher::Sha256(h) => Digest { algorithm: Algorithm::Sha256, hex: hex::encode(h.finalize()) },
-            Hasher::Sha512(h) => Digest { algorithm: Algorithm::Sha512, hex: hex::encode(h.finalize()) },
+            Hasher::Sha256(h) => Digest {
+                algorithm: Algorithm::Sha256,
+                hex: hex::encode(h.finalize()),
+            },
+            Hasher::Sha512(h) => Digest {
+                algorithm: Algorithm::Sha512,
+                hex: hex::encode(h.finalize()),
+            },
         }
     }
 }
@@ -161,9 +174,21 @@ mod tests {
 
     #[test]
     fn refuses_bad() {
-        assert!(matches!("sha256".parse::<Digest>(), Err(DigestError::Syntax(_))));
-        assert!(matches!("md5:abcd".parse::<Digest>(), Err(DigestError::Algorithm(_))));
-        assert!(matches!("sha256:ABC".parse::<Digest>(), Err(DigestError::Encoded(_, 64))));
-        assert!(matches!(":x".parse::<Digest>(), Err(DigestError::Syntax(_))));
+        assert!(matches!(
+            "sha256".parse::<Digest>(),
+            Err(DigestError::Syntax(_))
+        ));
+        assert!(matches!(
+            "md5:abcd".parse::<Digest>(),
+            Err(DigestError::Algorithm(_))
+        ));
+        assert!(matches!(
+            "sha256:ABC".parse::<Digest>(),
+            Err(DigestError::Encoded(_, 64))
+        ));
+        assert!(matches!(
+            ":x".parse::<Digest>(),
+            Err(DigestError::Syntax(_))
+        ));
     }
 }
