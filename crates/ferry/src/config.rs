@@ -62,20 +62,34 @@ impl DaemonArgs {
             None => FileConfig::default(),
         };
         let addr = |flag: Option<SocketAddr>, file: Option<SocketAddr>, default: &str| {
-            flag.or(file).unwrap_or_else(|| default.parse().expect("default address parses"))
+            flag.or(file)
+                .unwrap_or_else(|| default.parse().expect("default address parses"))
         };
         Ok(Settings {
-            data_dir: self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
-            registry_addr: addr(self.registry_addr, file.registry_addr, DEFAULT_REGISTRY_ADDR),
-            domain: self.domain.clone().or(file.domain).unwrap_or_else(|| DEFAULT_DOMAIN.into()),
+            registry_addr: addr(
+                self.registry_addr,
+                file.registry_addr,
+                DEFAULT_REGISTRY_ADDR,
+            ),
+            domain: self
+                .domain
+                .clone()
+                .or(file.domain)
+                .unwrap_or_else(|| DEFAULT_DOMAIN.into()),
         })
     }
 }
 
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
 
@@ -83,9 +97,13 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
 pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let dir = path.parent().context("path has no parent directory")?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -103,7 +121,11 @@ mod tests {
     fn layers_merge_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("ferry.toml");
-        std::fs::write(&cfg, "data_dir = \"/from/file\"\napi_addr = \"127.0.0.1:1\"\n").unwrap();
+        std::fs::write(
+            &cfg,
+            "data_dir = \"/from/file\"\napi_addr = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
         let args = DaemonArgs {
             config: Some(cfg.clone()),
             api_addr: Some("127.0.0.1:2".parse().unwrap()),

@@ -11,7 +11,11 @@ use ferry::{config, server};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry: a self-hosted serverless container platform")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: a self-hosted serverless container platform"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +39,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -64,7 +71,9 @@ fn main() -> std::process::ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("FERRY_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
