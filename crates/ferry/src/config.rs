@@ -33,6 +33,20 @@ pub struct DaemonArgs {
     /// Domain under which services are reached as `<service>.<domain>` [default: localhost]
     #[arg(long, env = "FERRY_DOMAIN")]
     pub domain: Option<String>,
+    /// Registry basic-auth user as `name:password` (repeatable); turns registry auth on
+    #[arg(
+        long = "registry-user",
+        env = "FERRY_REGISTRY_USERS",
+        value_delimiter = ','
+    )]
+    pub registry_users: Vec<String>,
+    /// Registry bearer token accepted as `Authorization: Bearer <token>` (repeatable); turns registry auth on
+    #[arg(
+        long = "registry-token",
+        env = "FERRY_REGISTRY_TOKENS",
+        value_delimiter = ','
+    )]
+    pub registry_tokens: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +57,20 @@ struct FileConfig {
     gateway_addr: Option<SocketAddr>,
     registry_addr: Option<SocketAddr>,
     domain: Option<String>,
+    #[serde(default)]
+    registry: RegistryFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFileConfig {
+    /// `name = "password"` pairs for basic auth.
+    #[serde(default)]
+    users: std::collections::HashMap<String, String>,
+    #[serde(default)]
+    tokens: Vec<String>,
+    max_manifest_bytes: Option<usize>,
+    max_blob_bytes: Option<u64>,
 }
 
 /// Settings after merging every layer.
@@ -53,6 +81,7 @@ pub struct Settings {
     pub gateway_addr: SocketAddr,
     pub registry_addr: SocketAddr,
     pub domain: String,
+    pub registry: ferry_registry::Config,
 }
 
 impl DaemonArgs {
@@ -65,12 +94,34 @@ impl DaemonArgs {
             flag.or(file)
                 .unwrap_or_else(|| default.parse().expect("default address parses"))
         };
+        let data_dir: PathBuf = self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let mut registry = ferry_registry::Config::new(data_dir.join("registry"));
+        registry.auth.users = file.registry.users;
+        for u in &self.registry_users {
+            let (name, password) = u
+                .split_once(':')
+                .with_context(|| format!("--registry-user {u:?}: expected name:password"))?;
+            registry
+                .auth
+                .users
+                .insert(name.to_string(), password.to_string());
+        }
+        registry.auth.tokens = file.registry.tokens;
+        registry
+            .auth
+            .tokens
+            .extend(self.registry_tokens.iter().cloned());
+        if let Some(n) = file.registry.max_manifest_bytes {
+            registry.max_manifest_bytes = n;
+        }
+        registry.max_blob_bytes = file.registry.max_blob_bytes;
         Ok(Settings {
-            data_dir: self
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir,
+            registry,
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
             registry_addr: addr(

@@ -4,6 +4,13 @@
 //!
 //! Owns: the OCI formats and their storage. Must not: know about services or instances.
 
+pub mod client;
 pub mod digest;
+pub mod layout;
+pub mod manifest;
+pub mod media;
+pub mod store;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use manifest::{Descriptor, ImageConfig, Manifest, ManifestError, Platform};
+pub use store::{GcReport, Store, StoreError, UploadState};
