@@ -1,1 +1,208 @@
-//! ferry-tests: in-process TestCluster support for end-to-end tests
+//! ferry-tests: an in-process [`TestCluster`] (the whole of `ferry server` on ephemeral ports,
+//! a temp data dir and its own instance bridge) and helpers the end-to-end scenarios share.
+//! The scenarios drive it only through the real API, the real registry and the real gateway.
+
+use anyhow::{Context, Result, bail};
+use ferry::config::DaemonArgs;
+use ferry::server::Platform;
+use ferry_api::service::{InstanceView, ServiceView};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+/// The static test workload, built by scripts/test.
+pub fn testapp_bin() -> PathBuf {
+    let p = std::env::var_os("TESTAPP_STATIC_BIN")
+        .expect("TESTAPP_STATIC_BIN is not set: run the tests with scripts/test, which builds the static testapp");
+    PathBuf::from(p)
+}
+
+pub struct TestCluster {
+    pub api: String,
+    pub gateway: SocketAddr,
+    pub registry: SocketAddr,
+    pub http: reqwest::Client,
+    platform: Option<Platform>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    pub async fn start() -> Result<TestCluster> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = tempfile::tempdir()?;
+        let zero: SocketAddr = "127.0.0.1:0".parse()?;
+        let args = DaemonArgs {
+            data_dir: Some(dir.path().join("data")),
+            api_addr: Some(zero),
+            gateway_addr: Some(zero),
+            registry_addr: Some(zero),
+            node_name: Some(format!("test-node-{n}")),
+            bridge: Some(format!("fe2e{n}")),
+            subnet: Some(format!("10.90.{n}.1/24")),
+            ..Default::default()
+        };
+        let platform = Platform::start(args.resolve()?).await?;
+        let a = platform.addresses.clone();
+        let cluster = TestCluster {
+            api: format!("http://{}", a.api.context("api address")?),
+            gateway: a.gateway.context("gateway address")?,
+            registry: a.registry.context("registry address")?,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()?,
+            platform: Some(platform),
+            _dir: dir,
+        };
+        // The agent reports its node once it runs.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes: Vec<serde_json::Value> = cluster
+                .http
+                .get(format!("{}/v1/nodes", cluster.api))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if !nodes.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent never reported its node");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(cluster)
+    }
+
+    /// Builds the testapp image and pushes it to the built-in registry as `repo:tag`;
+    /// returns the reference to deploy.
+    pub async fn push_testapp(&self, repo: &str, tag: &str) -> Result<String> {
+        let dir = tempfile::tempdir()?;
+        let layout = ferry_oci::layout::Layout::create(dir.path())?;
+        let spec = ferry_oci::layout::BuildSpec {
+            layers: vec![ferry_oci::layout::LayerSource::File {
+                src: testapp_bin(),
+                dest: "/testapp".into(),
+            }],
+            entrypoint: vec!["/testapp".into()],
+            cmd: vec![],
+            env: vec![],
+            working_dir: None,
+            user: None,
+            exposed_port: Some(8080),
+            labels: Default::default(),
+        };
+        let desc = ferry_oci::layout::build(&layout, &spec, tag)?;
+        let reference = format!("{}/{repo}:{tag}", self.registry);
+        let target: ferry_api::ImageRef = reference.parse()?;
+        ferry_oci::client::Client::new(None)
+            .push(&layout, &desc, &target)
+            .await?;
+        Ok(reference)
+    }
+
+    /// `PUT /v1/services/{name}`; returns the status and body.
+    pub async fn deploy_raw(
+        &self,
+        name: &str,
+        spec: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        let r = self
+            .http
+            .put(format!("{}/v1/services/{name}", self.api))
+            .json(spec)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await?))
+    }
+
+    pub async fn deploy(&self, name: &str, spec: &serde_json::Value) -> Result<ServiceView> {
+        let (status, body) = self.deploy_raw(name, spec).await?;
+        anyhow::ensure!(
+            status == 200 || status == 201,
+            "deploy {name}: {status} {body}"
+        );
+        Ok(serde_json::from_value(body)?)
+    }
+
+    pub async fn service(&self, name: &str) -> Result<ServiceView> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/services/{name}", self.api))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Every instance control knows of for `service` (live and recently stopped).
+    pub async fn instances(&self, service: &str) -> Result<Vec<InstanceView>> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/instances?service={service}", self.api))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Instances that are not stopped or failed.
+    pub async fn live_instances(&self, service: &str) -> Result<usize> {
+        use ferry_api::agent::InstanceState::*;
+        Ok(self
+            .instances(service)
+            .await?
+            .iter()
+            .filter(|i| matches!(i.state, Pending | Starting | Ready))
+            .count())
+    }
+
+    /// A request through the gateway to `<service>.localhost`.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        service: &str,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("http://{}{path}", self.gateway))
+            .header("host", format!("{service}.localhost"))
+    }
+
+    pub async fn get(&self, service: &str, path: &str) -> Result<reqwest::Response> {
+        Ok(self
+            .request(reqwest::Method::GET, service, path)
+            .send()
+            .await?)
+    }
+
+    /// Polls `f` until it returns true or `timeout` passes.
+    pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut f: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f().await? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(p) = self.platform.take() {
+            p.stop().await?;
+        }
+        Ok(())
+    }
+}

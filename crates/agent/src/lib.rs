@@ -1,1 +1,388 @@
-//! ferry-agent (placeholder)
+//! ferry-agent: the node agent. Owns what runs on one node: images (the OCI layout and the
+//! unpacked layer cache), sandboxes (our own clone/pivot_root/exec runtime with namespaces,
+//! an overlay rootfs, cut capabilities, no_new_privs and seccomp), cgroups, instance networking
+//! (bridge, veth, IPAM, NAT) and logs.
+//!
+//! Must not: talk to control except through `ferry-api` messages — [`AgentCommand`]s in,
+//! [`AgentEvent`]s out — nor need anything installed on the node beyond the kernel (iptables is
+//! used for outbound NAT only when present).
+//!
+//! Entry points: [`Agent::new`] + [`Agent::run`] (or the [`run`] shortcut); [`ImageSource`] is
+//! the seam for pulling images ([`LayoutImageSource`] reads an OCI layout on disk);
+//! [`Agent::log_path`] / [`Agent::read_log`] / [`Agent::follow_log`] for logs.
+
+pub mod cgroup;
+pub mod image;
+mod instance;
+pub mod net;
+pub mod rootfs;
+pub mod sandbox;
+pub mod seccomp;
+mod sys;
+pub mod unpack;
+
+pub use image::{
+    ImageError, ImageSource, ImageStore, LayoutImageSource, RegistryImageSource, RuntimeConfig,
+};
+pub use instance::ExecOutput;
+
+use ferry_api::agent::{AgentCommand, AgentEvent, NodeInfo, ResourceSample};
+use ferry_api::{Cpu, Memory};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("config {key}: {message}")]
+    Config { key: &'static str, message: String },
+    #[error("data dir {path:?}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("instance {0:?}: not running")]
+    NoInstance(String),
+    #[error("exec in {instance:?}: {message}")]
+    Exec { instance: String, message: String },
+}
+
+/// The agent's configuration (validated by [`Agent::new`]).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Everything the agent keeps: `oci/` (layout), `cache/layers/`, `instances/`, `logs/`,
+    /// `ipam/`.
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub cpu_allocatable: Cpu,
+    pub memory_allocatable: Memory,
+    /// The agent's own HTTP API, reported to control.
+    pub api_address: Option<SocketAddr>,
+    pub net: net::NetConfig,
+    /// Where cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// How often usage is sampled.
+    pub sample_interval: Duration,
+    /// How long an instance may take to become ready.
+    pub start_timeout: Duration,
+    /// Default pids limit when the spec sets none.
+    pub default_pids_limit: u32,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>, node_name: impl Into<String>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            node_name: node_name.into(),
+            cpu_allocatable: Cpu(2000),
+            memory_allocatable: Memory(2 << 30),
+            api_address: None,
+            net: net::NetConfig::default(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            sample_interval: Duration::from_secs(1),
+            start_timeout: Duration::from_secs(60),
+            default_pids_limit: 1024,
+        }
+    }
+
+    fn validate(&self) -> Result<(), AgentError> {
+        if self.node_name.is_empty() {
+            return Err(AgentError::Config {
+                key: "node_name",
+                message: "must not be empty".into(),
+            });
+        }
+        if !self.data_dir.is_absolute() {
+            return Err(AgentError::Config {
+                key: "data_dir",
+                message: format!("{:?} must be absolute", self.data_dir),
+            });
+        }
+        if self.net.prefix < 8 || self.net.prefix > 30 {
+            return Err(AgentError::Config {
+                key: "net.prefix",
+                message: format!("{} must be within 8..=30", self.net.prefix),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Shared state of a running agent.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub images: Arc<dyn ImageSource>,
+    pub store: ImageStore,
+    pub ipam: net::Ipam,
+    pub hierarchy: cgroup::Hierarchy,
+    pub events: mpsc::Sender<AgentEvent>,
+    pub instances: Mutex<HashMap<String, instance::Handle>>,
+    pub cached: Mutex<BTreeSet<String>>,
+}
+
+impl Shared {
+    pub(crate) fn log_path(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("logs").join(format!("{id}.log"))
+    }
+
+    pub(crate) fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node: self.config.node_name.clone(),
+            cpu_allocatable: self.config.cpu_allocatable,
+            memory_allocatable: self.config.memory_allocatable,
+            cached_images: self.cached.lock().unwrap().iter().cloned().collect(),
+            api_address: self.config.api_address,
+        }
+    }
+
+    pub(crate) async fn emit(&self, e: AgentEvent) {
+        // A closed channel means control is gone; the agent keeps running until shutdown.
+        let _ = self.events.send(e).await;
+    }
+}
+
+/// A node agent. Cheap to clone; logs and exec work while [`Agent::run`] runs.
+#[derive(Clone)]
+pub struct Agent {
+    config: Config,
+    images: Arc<dyn ImageSource>,
+    shared: Arc<Mutex<Option<Arc<Shared>>>>,
+}
+
+impl Agent {
+    /// Validates the config and prepares the data dir.
+    pub fn new(config: Config, images: Arc<dyn ImageSource>) -> Result<Agent, AgentError> {
+        config.validate()?;
+        for d in ["oci", "cache", "instances", "logs", "ipam"] {
+            let p = config.data_dir.join(d);
+            std::fs::create_dir_all(&p).map_err(|source| AgentError::DataDir {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        Ok(Agent {
+            config,
+            images,
+            shared: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The log file of an instance: lines `<RFC3339> stdout|stderr <line>`.
+    pub fn log_path(&self, instance_id: &str) -> PathBuf {
+        self.config
+            .data_dir
+            .join("logs")
+            .join(format!("{instance_id}.log"))
+    }
+
+    /// The whole log of an instance so far.
+    pub async fn read_log(&self, instance_id: &str) -> std::io::Result<String> {
+        tokio::fs::read_to_string(self.log_path(instance_id)).await
+    }
+
+    /// Sends log lines as they are written, starting at byte `from`, until `stop` is cancelled
+    /// or the receiver is dropped.
+    pub fn follow_log(
+        &self,
+        instance_id: &str,
+        from: u64,
+        stop: CancellationToken,
+    ) -> mpsc::Receiver<String> {
+        instance::follow_log(self.log_path(instance_id), from, stop)
+    }
+
+    /// Runs `argv` inside a running instance (its namespaces, cgroup and root), with the
+    /// instance's env and user; collects stdout/stderr and the exit code.
+    pub async fn exec(
+        &self,
+        instance_id: &str,
+        argv: Vec<String>,
+        stdin: Vec<u8>,
+    ) -> Result<ExecOutput, AgentError> {
+        let shared = self
+            .shared
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| AgentError::NoInstance(instance_id.into()))?;
+        instance::exec(&shared, instance_id, argv, stdin).await
+    }
+
+    /// Runs the agent until `shutdown`: executes commands, reports status changes and usage.
+    /// On shutdown every instance is stopped (SIGTERM, its grace capped at 5 s, SIGKILL) and
+    /// cleaned up before this returns.
+    pub async fn run(
+        &self,
+        mut commands: mpsc::Receiver<AgentCommand>,
+        events: mpsc::Sender<AgentEvent>,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let cfg = self.config.clone();
+        let netcfg = cfg.net.clone();
+        tokio::task::spawn_blocking(move || net::setup_host(&netcfg))
+            .await
+            .map_err(|e| AgentError::Config {
+                key: "net",
+                message: e.to_string(),
+            })??;
+        let store = ImageStore::new(
+            cfg.data_dir.join("oci"),
+            Arc::new(unpack::LayerCache::new(cfg.data_dir.join("cache"))),
+        );
+        store.init()?;
+        let shared = Arc::new(Shared {
+            ipam: net::Ipam::new(cfg.data_dir.join("ipam"), cfg.net.clone()),
+            hierarchy: cgroup::Hierarchy::detect(&cfg.cgroup_root),
+            store,
+            images: self.images.clone(),
+            events,
+            instances: Mutex::new(HashMap::new()),
+            cached: Mutex::new(BTreeSet::new()),
+            config: cfg,
+        });
+        *self.shared.lock().unwrap() = Some(shared.clone());
+        shared.emit(AgentEvent::Node(shared.node_info())).await;
+        let tasks = tokio_util::task::TaskTracker::new();
+        let mut tick = tokio::time::interval(shared.config.sample_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    handle_command(&shared, &tasks, cmd).await;
+                }
+                _ = tick.tick() => sample(&shared).await,
+            }
+        }
+        // Stop everything still running.
+        let handles: Vec<_> = shared
+            .instances
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| h.stop.clone())
+            .collect();
+        for stop in handles {
+            let _ = stop.send(Duration::from_secs(5));
+        }
+        tasks.close();
+        tasks.wait().await;
+        *self.shared.lock().unwrap() = None;
+        Ok(())
+    }
+}
+
+/// Runs an agent: [`Agent::new`] then [`Agent::run`].
+pub async fn run(
+    config: Config,
+    commands: mpsc::Receiver<AgentCommand>,
+    events: mpsc::Sender<AgentEvent>,
+    images: Arc<dyn ImageSource>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    Agent::new(config, images)?
+        .run(commands, events, shutdown)
+        .await
+}
+
+async fn handle_command(
+    shared: &Arc<Shared>,
+    tasks: &tokio_util::task::TaskTracker,
+    cmd: AgentCommand,
+) {
+    match cmd {
+        AgentCommand::Start { spec } => {
+            let id = spec.instance_id.clone();
+            if shared.instances.lock().unwrap().contains_key(&id) {
+                tracing::warn!(instance = %id, "start of a running instance ignored");
+                return;
+            }
+            let (handle, stop_rx) = instance::Handle::new();
+            shared.instances.lock().unwrap().insert(id, handle);
+            tasks.spawn(instance::run(shared.clone(), *spec, stop_rx));
+        }
+        AgentCommand::Stop {
+            instance_id,
+            grace_ms,
+        } => {
+            let h = shared
+                .instances
+                .lock()
+                .unwrap()
+                .get(&instance_id)
+                .map(|h| h.stop.clone());
+            match h {
+                Some(stop) => {
+                    let _ = stop.send(Duration::from_millis(grace_ms));
+                }
+                None => {
+                    // Unknown: report it stopped so control can converge.
+                    shared
+                        .emit(instance::status(
+                            shared,
+                            &instance_id,
+                            ferry_api::agent::InstanceState::Stopped,
+                            None,
+                            Some(ferry_api::agent::ExitReason::Stopped),
+                        ))
+                        .await;
+                }
+            }
+        }
+        AgentCommand::Prepull { image, auth } => {
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                match instance::prepare_image(&shared, &image, auth.as_ref()).await {
+                    Ok(_) => shared.emit(AgentEvent::Node(shared.node_info())).await,
+                    Err(e) => tracing::warn!(image = ?image, error = %e, "prepull failed"),
+                }
+            });
+        }
+    }
+}
+
+async fn sample(shared: &Arc<Shared>) {
+    let running: Vec<(String, cgroup::Cgroup, Option<String>)> = shared
+        .instances
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(id, h)| {
+            let s = h.sampling.lock().unwrap();
+            s.0.clone().map(|cg| (id.clone(), cg, s.1.clone()))
+        })
+        .collect();
+    for (id, cg, veth) in running {
+        let u = cg.usage();
+        let (rx, tx) = veth.as_deref().map_or((0, 0), net::counters);
+        shared
+            .emit(AgentEvent::Usage(ResourceSample {
+                instance_id: id,
+                at_ms: instance::now_ms(),
+                cpu_usage_ns: u.cpu_ns,
+                memory_current_bytes: u.memory_bytes,
+                memory_peak_bytes: u.memory_peak_bytes,
+                net_rx_bytes: rx,
+                net_tx_bytes: tx,
+            }))
+            .await;
+    }
+}
+
+/// Whether `path` is on the agent's data dir (helper for tests checking cleanup).
+pub fn instance_dir(data_dir: &Path, instance_id: &str) -> PathBuf {
+    data_dir.join("instances").join(instance_id)
+}

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod image_ref;
 pub mod name;
 pub mod quantity;
+pub mod service;
 
 pub use image_ref::ImageRef;
 pub use quantity::{Cpu, Memory};

@@ -33,6 +33,15 @@ pub struct DaemonArgs {
     /// Domain under which services are reached as `<service>.<domain>` [default: localhost]
     #[arg(long, env = "FERRY_DOMAIN")]
     pub domain: Option<String>,
+    /// This node's name [default: the host name]
+    #[arg(long, env = "FERRY_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Host bridge the instances attach to [default: ferry0]
+    #[arg(long, env = "FERRY_BRIDGE")]
+    pub bridge: Option<String>,
+    /// Bridge address and prefix of the instance network [default: 10.88.0.1/16]
+    #[arg(long, env = "FERRY_SUBNET")]
+    pub subnet: Option<String>,
     /// Registry basic-auth user as `name:password` (repeatable); turns registry auth on
     #[arg(
         long = "registry-user",
@@ -59,6 +68,9 @@ struct FileConfig {
     domain: Option<String>,
     #[serde(default)]
     registry: RegistryFileConfig,
+    node_name: Option<String>,
+    bridge: Option<String>,
+    subnet: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +94,10 @@ pub struct Settings {
     pub registry_addr: SocketAddr,
     pub domain: String,
     pub registry: ferry_registry::Config,
+    pub node_name: String,
+    pub bridge: String,
+    pub bridge_address: std::net::Ipv4Addr,
+    pub subnet_prefix: u8,
 }
 
 impl DaemonArgs {
@@ -119,9 +135,37 @@ impl DaemonArgs {
             registry.max_manifest_bytes = n;
         }
         registry.max_blob_bytes = file.registry.max_blob_bytes;
+        let subnet = self
+            .subnet
+            .clone()
+            .or(file.subnet)
+            .unwrap_or_else(|| "10.88.0.1/16".into());
+        let (ip, prefix) = subnet
+            .split_once('/')
+            .and_then(|(a, p)| Some((a.parse().ok()?, p.parse::<u8>().ok()?)))
+            .filter(|(_, p)| (8..=30).contains(p))
+            .with_context(|| {
+                format!("subnet {subnet:?}: expected an address and prefix like 10.88.0.1/16")
+            })?;
+        let node_name = match self.node_name.clone().or(file.node_name) {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".into()),
+        };
         Ok(Settings {
             data_dir,
             registry,
+            node_name,
+            bridge: self
+                .bridge
+                .clone()
+                .or(file.bridge)
+                .unwrap_or_else(|| "ferry0".into()),
+            bridge_address: ip,
+            subnet_prefix: prefix,
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
             registry_addr: addr(

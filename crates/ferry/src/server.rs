@@ -3,10 +3,15 @@
 use crate::config::{DaemonArgs, Settings, write_json_atomic};
 use anyhow::Context;
 use clap::Args;
+use ferry_api::gateway::RouteTable;
+use ferry_api::{Cpu, Memory};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -65,21 +70,82 @@ impl Platform {
     pub async fn start(settings: Settings) -> anyhow::Result<Platform> {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        let data_dir = std::fs::canonicalize(&settings.data_dir)?;
         let registry = bind(settings.registry_addr, "registry").await?;
+        let api = bind(settings.api_addr, "API").await?;
+        let gateway = bind(settings.gateway_addr, "gateway").await?;
         let addresses = Addresses {
-            api: None,
-            gateway: None,
+            api: Some(api.local_addr()?),
+            gateway: Some(gateway.local_addr()?),
             registry: Some(registry.local_addr()?),
         };
+        let registry_addr = addresses.registry.expect("bound");
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+
+        let (agent_tx, agent_rx) = mpsc::channel(1024);
+        let (agent_ev_tx, agent_ev_rx) = mpsc::channel(4096);
+        let (gw_ev_tx, gw_ev_rx) = mpsc::channel(4096);
+        let (routes_tx, routes_rx) = watch::channel(RouteTable::default());
+
         let token = shutdown.clone();
-        let config = settings.registry.clone();
+        let mut reg_config = settings.registry.clone();
+        reg_config.root = data_dir.join("registry");
         tasks.spawn(async move {
-            ferry_registry::serve(registry, config, token)
+            ferry_registry::serve(registry, reg_config, token)
                 .await
                 .context("registry")
         });
+
+        let mut agent =
+            ferry_agent::Config::new(data_dir.join("agent"), settings.node_name.clone());
+        let (cpu, memory) = host_allocatable();
+        agent.cpu_allocatable = cpu;
+        agent.memory_allocatable = memory;
+        agent.net = ferry_agent::net::NetConfig {
+            bridge: settings.bridge.clone(),
+            gateway: settings.bridge_address,
+            prefix: settings.subnet_prefix,
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let images = std::sync::Arc::new(ferry_agent::RegistryImageSource);
+            ferry_agent::run(agent, agent_rx, agent_ev_tx, images, token)
+                .await
+                .context("agent")
+        });
+
+        let control = ferry_control::Config {
+            data_dir: data_dir.clone(),
+            domain: settings.domain.clone(),
+            gateway_addr: addresses.gateway,
+            default_registry: Some(registry_addr.to_string()),
+            tick: Duration::from_millis(100),
+        };
+        let links = ferry_control::Links {
+            agents: HashMap::from([(settings.node_name.clone(), agent_tx)]),
+            agent_events: agent_ev_rx,
+            gateway_events: gw_ev_rx,
+            routes: routes_tx,
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            ferry_control::serve(api, control, links, token)
+                .await
+                .context("control")
+        });
+
+        let gw = ferry_gateway::Config {
+            domain: settings.domain.clone(),
+            ..Default::default()
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            ferry_gateway::serve(gateway, gw, routes_rx, gw_ev_tx, token)
+                .await
+                .context("gateway")
+        });
+
         addresses.announce(&settings.data_dir)?;
         Ok(Platform {
             addresses,
@@ -122,4 +188,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let settings = args.daemon.resolve()?;
     let platform = Platform::start(settings).await?;
     platform.run_until(crate::shutdown_signal()).await
+}
+
+/// What this host offers instances: every CPU, and its memory less a quarter kept for the host.
+fn host_allocatable() -> (Cpu, Memory) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(2 << 30, |kib| kib * 1024);
+    (Cpu(cpus * 1000), Memory(total / 4 * 3))
 }

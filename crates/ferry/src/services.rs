@@ -1,15 +1,485 @@
-//! Service verbs: deploy, ls, describe, logs, exec, scale, delete, revisions, traffic.
+//! Service verbs: deploy, ls, describe, scale, delete, revisions, traffic. Everything goes
+//! through the public `/v1` API at `FERRY_API` (default http://127.0.0.1:7070).
 
-use clap::Subcommand;
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use ferry_api::gateway::TrafficTarget;
+use ferry_api::service::{ApiError, RevisionView, ScaleRequest, ServiceSpec, ServiceView};
+use serde::de::DeserializeOwned;
+
+#[derive(Args, Clone)]
+pub struct Api {
+    /// Control-plane API address.
+    #[arg(
+        long,
+        env = "FERRY_API",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    api: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {
-    /// Create or update a service (a new revision).
-    Deploy,
+    /// Create a service, or give it a new revision (flags not given keep their current value).
+    Deploy(Box<DeployArgs>),
+    /// List services.
+    Ls(#[command(flatten)] Api),
+    /// Show a service: spec, revisions, traffic, instances.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Set min/max instances.
+    Scale {
+        name: String,
+        #[arg(long)]
+        min: Option<u32>,
+        #[arg(long)]
+        max: Option<u32>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Delete a service and stop its instances.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// List a service's revisions.
+    Revisions {
+        name: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Split traffic between revisions: `ferry traffic hello hello-00001=90 hello-00002=10`.
+    Traffic {
+        name: String,
+        /// `REVISION=PERCENT`, adding up to 100.
+        #[arg(required = true)]
+        split: Vec<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    name: String,
+    /// Image, e.g. 127.0.0.1:5000/hello:v1 (a tag is pinned to its digest now).
+    #[arg(long)]
+    image: Option<String>,
+    /// vCPU: 500m, 0.5, 2.
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Memory: 256Mi, 1Gi.
+    #[arg(long)]
+    memory: Option<String>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// Replaces the image's entrypoint (repeat for each argument).
+    #[arg(long = "command")]
+    command: Vec<String>,
+    /// Replaces the image's cmd (repeat for each argument).
+    #[arg(long = "arg")]
+    args: Vec<String>,
+    /// Hard limit of concurrent requests per instance (0 = unlimited).
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Concurrent requests per instance the scaler aims for.
+    #[arg(long)]
+    target_concurrency: Option<u32>,
+    #[arg(long)]
+    min: Option<u32>,
+    #[arg(long)]
+    max: Option<u32>,
+    /// Seconds without traffic before scaling to zero.
+    #[arg(long)]
+    idle_grace: Option<u64>,
+    /// Request timeout (to the first byte), seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// HTTP readiness probe path (default: TCP connect).
+    #[arg(long)]
+    readiness_path: Option<String>,
+    /// Speak h2c to instances.
+    #[arg(long)]
+    h2c: bool,
+    /// Wait until the new revision serves the traffic.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    api: Api,
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(api: &Api) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: api.api.trim_end_matches('/').to_string(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut rb = self.http.request(method, &url);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.with_context(|| {
+            format!(
+                "cannot reach the Ferry API at {} (is `ferry server` running? set FERRY_API)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            if let Ok(e) = serde_json::from_slice::<ApiError>(&bytes) {
+                bail!("{} ({}, request {})", e.message, e.code, e.request_id);
+            }
+            bail!("{url}: {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("{url}: unexpected answer"))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
 }
 
 pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
     match cmd {
-        ServiceCommand::Deploy => anyhow::bail!("not implemented yet"),
+        ServiceCommand::Deploy(a) => deploy(*a).await,
+        ServiceCommand::Ls(api) => {
+            let c = Client::new(&api);
+            let list: Vec<ServiceView> = c.get("/v1/services").await?;
+            if api.json {
+                return print_json(&list);
+            }
+            let mut rows = vec![vec![
+                "NAME".into(),
+                "URL".into(),
+                "REVISION".into(),
+                "TRAFFIC".into(),
+                "READY".into(),
+            ]];
+            for s in &list {
+                let ready: u32 = s.revisions.iter().map(|r| r.ready_instances).sum();
+                let total: u32 = s.revisions.iter().map(|r| r.instances).sum();
+                rows.push(vec![
+                    s.name.clone(),
+                    s.url.clone(),
+                    s.latest_revision.clone(),
+                    traffic_str(&s.traffic),
+                    format!("{ready}/{total}"),
+                ]);
+            }
+            print_table(&rows);
+            Ok(())
+        }
+        ServiceCommand::Describe { name, api } => {
+            let c = Client::new(&api);
+            let s: ServiceView = c.get(&format!("/v1/services/{name}")).await?;
+            if api.json {
+                return print_json(&s);
+            }
+            describe(&s);
+            Ok(())
+        }
+        ServiceCommand::Scale {
+            name,
+            min,
+            max,
+            api,
+        } => {
+            let c = Client::new(&api);
+            let body = serde_json::to_value(ScaleRequest {
+                min_instances: min,
+                max_instances: max,
+            })?;
+            let s: ServiceView = c
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/services/{name}/scale"),
+                    Some(body),
+                )
+                .await?;
+            if api.json {
+                return print_json(&s);
+            }
+            println!(
+                "{name}: min {} max {}",
+                s.spec.min_instances, s.spec.max_instances
+            );
+            Ok(())
+        }
+        ServiceCommand::Delete { name, api } => {
+            let c = Client::new(&api);
+            let v: serde_json::Value = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/services/{name}"),
+                    None,
+                )
+                .await?;
+            if api.json {
+                return print_json(&v);
+            }
+            println!("deleted {name}");
+            Ok(())
+        }
+        ServiceCommand::Revisions { name, api } => {
+            let c = Client::new(&api);
+            let revs: Vec<RevisionView> = c.get(&format!("/v1/services/{name}/revisions")).await?;
+            if api.json {
+                return print_json(&revs);
+            }
+            let mut rows = vec![vec![
+                "REVISION".into(),
+                "IMAGE".into(),
+                "READY".into(),
+                "CREATED".into(),
+            ]];
+            for r in &revs {
+                rows.push(vec![
+                    r.name.clone(),
+                    r.image.clone(),
+                    format!("{}/{}", r.ready_instances, r.instances),
+                    format_ms(r.created_ms),
+                ]);
+            }
+            print_table(&rows);
+            Ok(())
+        }
+        ServiceCommand::Traffic { name, split, api } => {
+            let mut targets = Vec::new();
+            for s in &split {
+                let (rev, pct) = s
+                    .split_once('=')
+                    .with_context(|| format!("{s:?}: expected REVISION=PERCENT"))?;
+                let percent: u8 = pct
+                    .trim_end_matches('%')
+                    .parse()
+                    .with_context(|| format!("{s:?}: percent must be 0..100"))?;
+                targets.push(TrafficTarget {
+                    revision: rev.to_string(),
+                    percent,
+                });
+            }
+            let c = Client::new(&api);
+            let s: ServiceView = c
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/services/{name}/traffic"),
+                    Some(serde_json::to_value(&targets)?),
+                )
+                .await?;
+            if api.json {
+                return print_json(&s);
+            }
+            println!("{name}: {}", traffic_str(&s.traffic));
+            Ok(())
+        }
+    }
+}
+
+async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
+    let c = Client::new(&a.api);
+    let existing: Option<ServiceView> = c.get(&format!("/v1/services/{}", a.name)).await.ok();
+    let mut spec = match (&existing, &a.image) {
+        (Some(s), _) => s.spec.clone(),
+        (None, Some(img)) => ServiceSpec::new(img),
+        (None, None) => bail!("--image is required to create service {:?}", a.name),
+    };
+    if let Some(i) = a.image {
+        spec.image = i;
+    }
+    if let Some(v) = a.cpu {
+        spec.cpu = v;
+    }
+    if let Some(v) = a.memory {
+        spec.memory = v;
+    }
+    for e in &a.env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("--env {e:?}: expected KEY=VALUE"))?;
+        spec.env.insert(k.to_string(), v.to_string());
+    }
+    if let Some(v) = a.port {
+        spec.port = v;
+    }
+    if !a.command.is_empty() {
+        spec.command = Some(a.command);
+    }
+    if !a.args.is_empty() {
+        spec.args = Some(a.args);
+    }
+    if let Some(v) = a.concurrency {
+        spec.concurrency = v;
+    }
+    if let Some(v) = a.target_concurrency {
+        spec.target_concurrency = v;
+    }
+    if let Some(v) = a.min {
+        spec.min_instances = v;
+    }
+    if let Some(v) = a.max {
+        spec.max_instances = v;
+    }
+    if let Some(v) = a.idle_grace {
+        spec.idle_grace_secs = v;
+    }
+    if let Some(v) = a.timeout {
+        spec.request_timeout_secs = v;
+    }
+    if a.readiness_path.is_some() {
+        spec.readiness_path = a.readiness_path;
+    }
+    if a.h2c {
+        spec.h2c = true;
+    }
+    if !a.api.json {
+        eprintln!("resolving {} ...", spec.image);
+    }
+    let s: ServiceView = c
+        .call(
+            reqwest::Method::PUT,
+            &format!("/v1/services/{}", a.name),
+            Some(serde_json::to_value(&spec)?),
+        )
+        .await?;
+    if a.wait {
+        if !a.api.json {
+            eprintln!("waiting for {} to take the traffic ...", s.latest_revision);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let now: ServiceView = c.get(&format!("/v1/services/{}", a.name)).await?;
+            if now
+                .traffic
+                .iter()
+                .any(|t| t.revision == now.latest_revision && t.percent == 100)
+            {
+                break;
+            }
+            if let Some(f) = &now.last_failure {
+                bail!("{}: {f}", now.latest_revision);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "rollout of {} did not finish in 120 s",
+                now.latest_revision
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    if a.api.json {
+        return print_json(&s);
+    }
+    let image = s
+        .revisions
+        .iter()
+        .find(|r| r.name == s.latest_revision)
+        .map(|r| r.image.clone())
+        .unwrap_or_default();
+    println!(
+        "service {} revision {} ({image})",
+        s.name, s.latest_revision
+    );
+    println!("{}", s.url);
+    Ok(())
+}
+
+fn describe(s: &ServiceView) {
+    println!("Name:        {}", s.name);
+    println!("URL:         {}", s.url);
+    println!("Image:       {}", s.spec.image);
+    println!("Resources:   cpu {} memory {}", s.spec.cpu, s.spec.memory);
+    println!(
+        "Scaling:     min {} max {} target concurrency {} idle grace {}s",
+        s.spec.min_instances,
+        s.spec.max_instances,
+        s.spec.target_concurrency,
+        s.spec.idle_grace_secs
+    );
+    println!("Traffic:     {}", traffic_str(&s.traffic));
+    if let Some(f) = &s.last_failure {
+        println!("Last failure: {f}");
+    }
+    println!("Revisions:");
+    for r in &s.revisions {
+        println!(
+            "  {}  {}  ready {}/{}",
+            r.name, r.image, r.ready_instances, r.instances
+        );
+    }
+    println!("Instances:");
+    for i in &s.instances {
+        let addr = i
+            .address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!("  {}  {:?}  {}  node {}", i.id, i.state, addr, i.node);
+    }
+}
+
+fn traffic_str(t: &[TrafficTarget]) -> String {
+    t.iter()
+        .map(|t| format!("{}={}%", t.revision, t.percent))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn format_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let n = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.len()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
     }
 }

@@ -1,1 +1,244 @@
-//! ferry-gateway (placeholder)
+//! ferry-gateway: the data plane. It owns the HTTP path from clients to instances: routing by
+//! `Host: <service>.<domain>`, weighted revision choice, least-outstanding load balancing under
+//! each revision's container concurrency, holding requests during cold starts (and telling
+//! control with [`GatewayEvent::Demand`]), body/time limits, WebSocket and other upgrades, and
+//! per-revision [`GatewayEvent::Stats`] for the autoscaler.
+//!
+//! It must not decide placement or scaling, talk to the store, or read the environment: it
+//! learns routes from a `watch` channel of [`RouteTable`] and reports only through events.
+//!
+//! Entry point: [`serve`] with a [`Config`].
+
+mod body;
+mod error;
+mod headers;
+mod proxy;
+mod routing;
+mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_api::gateway::{GatewayEvent, RouteTable};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// How long in-flight requests may take to finish after shutdown is asked.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Services are reached as `<service>.<domain>`; default `localhost`.
+    pub domain: String,
+    /// How often [`GatewayEvent::Stats`] is sent; default 1 s.
+    pub stats_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domain: "localhost".to_string(),
+            stats_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Config {
+    /// Fails naming the bad key.
+    pub fn validate(&self) -> Result<(), Error> {
+        let d = self.domain.trim();
+        if d.is_empty() || d.starts_with('.') || d.contains(char::is_whitespace) {
+            return Err(Error::Config {
+                key: "domain",
+                message: format!("{:?} is not a DNS domain", self.domain),
+            });
+        }
+        if self.stats_interval.is_zero() {
+            return Err(Error::Config {
+                key: "stats_interval",
+                message: "must be greater than zero".to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("gateway config {key}: {message}")]
+    Config { key: &'static str, message: String },
+}
+
+/// Serves the gateway on `listener` until `shutdown` is cancelled, then stops accepting and
+/// lets in-flight requests finish (for at most 10 s).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    routes: watch::Receiver<RouteTable>,
+    events: mpsc::Sender<GatewayEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    config.validate()?;
+    let stats_interval = config.stats_interval;
+    let shared = Arc::new(proxy::Shared::new(
+        config,
+        &routes.borrow().clone(),
+        events.clone(),
+    ));
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, domain = %shared.config.domain, "gateway listening");
+    }
+
+    let background = CancellationToken::new();
+    tokio::spawn(watch_routes(shared.clone(), routes, background.clone()));
+    tokio::spawn(send_stats(
+        shared.clone(),
+        events,
+        stats_interval,
+        background.clone(),
+    ));
+
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conns = TaskTracker::new();
+    let hard_stop = shared.hard_stop.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let svc = service_fn(move |req| proxy::handle(shared.clone(), peer, req));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let shutdown = shutdown.clone();
+        let hard_stop = hard_stop.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
+                    return;
+                }
+                _ = shutdown.cancelled() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
+                }
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+    }
+    drop(listener);
+    conns.close();
+    shared.tunnels.close();
+    info!(
+        connections = conns.len(),
+        tunnels = shared.tunnels.len(),
+        "gateway draining"
+    );
+    let drained = async {
+        conns.wait().await;
+        shared.tunnels.wait().await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        warn!(
+            connections = conns.len(),
+            tunnels = shared.tunnels.len(),
+            "drain deadline passed; closing connections"
+        );
+        hard_stop.cancel();
+        conns.wait().await;
+        shared.tunnels.wait().await;
+    }
+    background.cancel();
+    info!("gateway stopped");
+    Ok(())
+}
+
+/// Mirrors the published route table into the gateway's index and wakes held requests.
+async fn watch_routes(
+    shared: Arc<proxy::Shared>,
+    mut routes: watch::Receiver<RouteTable>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = routes.changed() => if r.is_err() {
+                // Control went away: keep serving the last table.
+                stop.cancelled().await;
+                return;
+            },
+        }
+        let table = routes.borrow_and_update().clone();
+        let idx = proxy::index(&table);
+        debug!(
+            version = table.version,
+            services = idx.len(),
+            "route table updated"
+        );
+        shared.revs.retain(|s, r| {
+            idx.get(s)
+                .is_some_and(|svc| svc.revisions.iter().any(|x| x.revision == r))
+        });
+        shared.index.send_replace(idx);
+        shared.revs.wake_all();
+    }
+}
+
+/// Every `interval`, one [`GatewayEvent::Stats`] with the revisions that saw traffic.
+async fn send_stats(
+    shared: Arc<proxy::Shared>,
+    events: mpsc::Sender<GatewayEvent>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let revisions: Vec<_> = shared
+            .revs
+            .all()
+            .iter()
+            .filter_map(|r| r.take_stats(now))
+            .collect();
+        if revisions.is_empty() {
+            continue;
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = events.send(GatewayEvent::Stats { at_ms, revisions }) => if r.is_err() {
+                debug!("gateway event receiver closed; stats stop");
+                return;
+            },
+        }
+    }
+}

@@ -206,7 +206,8 @@ fn write_synced(p: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = p.parent() {
         fs::create_dir_all(parent).map_err(io_at(parent))?;
     }
-    let tmp = p.with_extension("tmp");
+    // A unique staging name: several writers may store the same blob at once.
+    let tmp = p.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
     let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
     f.write_all(bytes).map_err(io_at(&tmp))?;
     f.sync_all().map_err(io_at(&tmp))?;

@@ -1,0 +1,316 @@
+//! Per-instance cgroups (`ferry/<instance>`), v1 (one dir per controller) or v2 (unified).
+//! CPU quota from millicores (period 100 ms), memory limit without swap, pids limit; usage and
+//! OOM kills read back.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path:?}: {source}")]
+pub struct CgroupError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+fn err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which hierarchy the machine has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// Controller name → mount dir (e.g. `memory` → `/sys/fs/cgroup/memory`).
+    V1(Vec<(String, PathBuf)>),
+    V2(PathBuf),
+}
+
+pub const PERIOD_US: u64 = 100_000;
+const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids"];
+
+impl Hierarchy {
+    /// Detects the hierarchy under `root` (normally `/sys/fs/cgroup`).
+    pub fn detect(root: &Path) -> Hierarchy {
+        if root.join("cgroup.controllers").exists() {
+            return Hierarchy::V2(root.to_path_buf());
+        }
+        let mut ctrls = Vec::new();
+        for c in V1_CONTROLLERS {
+            // A controller may be co-mounted (`cpu,cpuacct`) and linked under both names.
+            let p = root.join(c);
+            if p.join("tasks").exists() || p.join("cgroup.procs").exists() {
+                ctrls.push((c.to_string(), p));
+            }
+        }
+        Hierarchy::V1(ctrls)
+    }
+}
+
+/// Limits of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub pids: u32,
+}
+
+/// What to write where, for a given hierarchy: pure, so it can be tested without a kernel.
+pub fn limit_writes(h: &Hierarchy, l: &Limits) -> Vec<(String, String, String)> {
+    let quota = u64::from(l.cpu_millis) * PERIOD_US / 1000;
+    let mut w = Vec::new();
+    match h {
+        Hierarchy::V1(_) => {
+            let shares = (u64::from(l.cpu_millis) * 1024 / 1000).max(2);
+            w.push((
+                "cpu".into(),
+                "cpu.cfs_period_us".into(),
+                PERIOD_US.to_string(),
+            ));
+            if l.cpu_millis > 0 {
+                w.push(("cpu".into(), "cpu.cfs_quota_us".into(), quota.to_string()));
+            }
+            w.push(("cpu".into(), "cpu.shares".into(), shares.to_string()));
+            w.push((
+                "memory".into(),
+                "memory.limit_in_bytes".into(),
+                l.memory_bytes.to_string(),
+            ));
+            w.push((
+                "memory".into(),
+                "memory.memsw.limit_in_bytes".into(),
+                l.memory_bytes.to_string(),
+            ));
+            w.push(("memory".into(), "memory.swappiness".into(), "0".into()));
+            w.push(("pids".into(), "pids.max".into(), l.pids.to_string()));
+        }
+        Hierarchy::V2(_) => {
+            let max = if l.cpu_millis > 0 {
+                format!("{quota} {PERIOD_US}")
+            } else {
+                format!("max {PERIOD_US}")
+            };
+            let weight = (u64::from(l.cpu_millis) * 100 / 1000).clamp(1, 10_000);
+            w.push(("".into(), "cpu.max".into(), max));
+            w.push(("".into(), "cpu.weight".into(), weight.to_string()));
+            w.push(("".into(), "memory.max".into(), l.memory_bytes.to_string()));
+            w.push(("".into(), "memory.swap.max".into(), "0".into()));
+            w.push(("".into(), "pids.max".into(), l.pids.to_string()));
+        }
+    }
+    w
+}
+
+/// One instance's cgroup.
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    hierarchy: Hierarchy,
+    rel: PathBuf,
+}
+
+/// Usage read from a cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub oom_kills: u64,
+    pub throttled: u64,
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn read_key(p: &Path, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(p).ok()?;
+    s.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+impl Cgroup {
+    /// Creates `ferry/<name>` in every controller and applies `limits`.
+    pub fn create(h: &Hierarchy, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+        let cg = Cgroup {
+            hierarchy: h.clone(),
+            rel: Path::new("ferry").join(name),
+        };
+        match h {
+            Hierarchy::V1(ctrls) => {
+                for (_, dir) in ctrls {
+                    let d = dir.join(&cg.rel);
+                    fs::create_dir_all(&d).map_err(err(&d))?;
+                }
+            }
+            Hierarchy::V2(root) => {
+                let parent = root.join("ferry");
+                fs::create_dir_all(&parent).map_err(err(&parent))?;
+                for (dir, what) in [
+                    (root.clone(), "+cpu +memory +pids"),
+                    (parent, "+cpu +memory +pids"),
+                ] {
+                    let f = dir.join("cgroup.subtree_control");
+                    // Already enabled is fine; missing controllers show up as write errors later.
+                    let _ = fs::write(&f, what);
+                }
+                let d = root.join(&cg.rel);
+                fs::create_dir_all(&d).map_err(err(&d))?;
+            }
+        }
+        for (ctrl, file, value) in limit_writes(h, limits) {
+            let Some(dir) = cg.dir(&ctrl) else { continue };
+            let p = dir.join(&file);
+            if !p.exists() {
+                // memsw needs swap accounting; swap.max needs swap: both optional.
+                continue;
+            }
+            fs::write(&p, &value).map_err(err(&p))?;
+        }
+        Ok(cg)
+    }
+
+    fn dir(&self, ctrl: &str) -> Option<PathBuf> {
+        match &self.hierarchy {
+            Hierarchy::V1(ctrls) => ctrls
+                .iter()
+                .find(|(c, _)| c == ctrl)
+                .map(|(_, d)| d.join(&self.rel)),
+            Hierarchy::V2(root) => Some(root.join(&self.rel)),
+        }
+    }
+
+    /// All dirs of this group.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        match &self.hierarchy {
+            Hierarchy::V1(ctrls) => ctrls.iter().map(|(_, d)| d.join(&self.rel)).collect(),
+            Hierarchy::V2(root) => vec![root.join(&self.rel)],
+        }
+    }
+
+    /// Moves `pid` into the group.
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        for d in self.dirs() {
+            let p = d.join("cgroup.procs");
+            fs::write(&p, pid.to_string()).map_err(err(&p))?;
+        }
+        Ok(())
+    }
+
+    pub fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        match &self.hierarchy {
+            Hierarchy::V1(_) => {
+                if let Some(d) = self.dir("cpuacct") {
+                    u.cpu_ns = read_u64(&d.join("cpuacct.usage")).unwrap_or(0);
+                }
+                if let Some(d) = self.dir("memory") {
+                    u.memory_bytes = read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0);
+                    u.memory_peak_bytes =
+                        read_u64(&d.join("memory.max_usage_in_bytes")).unwrap_or(0);
+                    u.oom_kills = read_key(&d.join("memory.oom_control"), "oom_kill").unwrap_or(0);
+                }
+                if let Some(d) = self.dir("cpu") {
+                    u.throttled = read_key(&d.join("cpu.stat"), "nr_throttled").unwrap_or(0);
+                }
+            }
+            Hierarchy::V2(_) => {
+                let d = self.dir("").expect("v2 dir");
+                u.cpu_ns = read_key(&d.join("cpu.stat"), "usage_usec").unwrap_or(0) * 1000;
+                u.throttled = read_key(&d.join("cpu.stat"), "nr_throttled").unwrap_or(0);
+                u.memory_bytes = read_u64(&d.join("memory.current")).unwrap_or(0);
+                u.memory_peak_bytes = read_u64(&d.join("memory.peak")).unwrap_or(u.memory_bytes);
+                u.oom_kills = read_key(&d.join("memory.events"), "oom_kill").unwrap_or(0);
+            }
+        }
+        u
+    }
+
+    /// SIGKILLs every process left in the group (v1: from cgroup.procs; v2: cgroup.kill).
+    pub fn kill_all(&self) {
+        if let Hierarchy::V2(_) = self.hierarchy
+            && let Some(d) = self.dir("")
+            && fs::write(d.join("cgroup.kill"), "1").is_ok()
+        {
+            return;
+        }
+        for d in self.dirs() {
+            if let Ok(s) = fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in s.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = crate::sys::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Removes the group's dirs, retrying briefly while the kernel lets go of exiting tasks.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        for d in self.dirs() {
+            let mut tries = 0;
+            loop {
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if tries < 100 => {
+                        let _ = e;
+                        tries += 1;
+                        if tries % 10 == 0 {
+                            self.kill_all();
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(err(&d)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_writes() {
+        let h = Hierarchy::V1(vec![]);
+        let w = limit_writes(
+            &h,
+            &Limits {
+                cpu_millis: 500,
+                memory_bytes: 64 << 20,
+                pids: 100,
+            },
+        );
+        assert!(w.contains(&("cpu".into(), "cpu.cfs_quota_us".into(), "50000".into())));
+        assert!(w.contains(&("memory".into(), "memory.swappiness".into(), "0".into())));
+        assert!(w.contains(&("pids".into(), "pids.max".into(), "100".into())));
+    }
+
+    #[test]
+    fn v2_writes() {
+        let h = Hierarchy::V2(PathBuf::from("/x"));
+        let w = limit_writes(
+            &h,
+            &Limits {
+                cpu_millis: 2000,
+                memory_bytes: 1 << 30,
+                pids: 1024,
+            },
+        );
+        assert!(w.contains(&("".into(), "cpu.max".into(), "200000 100000".into())));
+        assert!(w.contains(&("".into(), "memory.swap.max".into(), "0".into())));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn quota_matches_millicores(m in 1u32..64_000) {
+            let w = limit_writes(&Hierarchy::V1(vec![]), &Limits { cpu_millis: m, memory_bytes: 1, pids: 1 });
+            let q: u64 = w.iter().find(|x| x.1 == "cpu.cfs_quota_us").unwrap().2.parse().unwrap();
+            proptest::prop_assert_eq!(q * 1000 / PERIOD_US, u64::from(m));
+        }
+    }
+}

@@ -1,0 +1,735 @@
+//! One instance's life: image → rootfs → cgroup → sandbox → network → readiness → supervise →
+//! stop → cleanup, reporting every state change.
+
+use crate::cgroup::{Cgroup, Limits};
+use crate::net::InstanceNet;
+use crate::sandbox::{self, SandboxSpec};
+use crate::{AgentError, Shared, rootfs};
+use ferry_api::ImageRef;
+use ferry_api::agent::{
+    AgentEvent, ExitReason, InstanceSpec, InstanceState, InstanceStatus, Probe, ProbeKind,
+    RegistryAuth,
+};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// What `exec` collected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// What exec needs to join a running instance.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecInfo {
+    pid: i32,
+    cgroup: Cgroup,
+    env: Vec<String>,
+    user: Option<String>,
+    workdir: Option<String>,
+    rootfs: PathBuf,
+}
+
+/// The agent's grip on a running instance.
+pub(crate) struct Handle {
+    pub stop: mpsc::UnboundedSender<Duration>,
+    /// Cgroup and host veth, once set up (for usage samples).
+    pub sampling: Arc<Mutex<(Option<Cgroup>, Option<String>)>>,
+    pub exec: Arc<Mutex<Option<ExecInfo>>>,
+}
+
+impl Handle {
+    pub fn new() -> (Handle, mpsc::UnboundedReceiver<Duration>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Handle {
+                stop: tx,
+                sampling: Arc::default(),
+                exec: Arc::default(),
+            },
+            rx,
+        )
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn status(
+    shared: &Shared,
+    id: &str,
+    state: InstanceState,
+    address: Option<SocketAddr>,
+    reason: Option<ExitReason>,
+) -> AgentEvent {
+    AgentEvent::Status(InstanceStatus {
+        instance_id: id.to_string(),
+        node: shared.config.node_name.clone(),
+        state,
+        address,
+        reason,
+        at_ms: now_ms(),
+    })
+}
+
+/// Fetches (source) and unpacks (cache) an image; records it as cached.
+pub(crate) async fn prepare_image(
+    shared: &Shared,
+    image: &ImageRef,
+    auth: Option<&RegistryAuth>,
+) -> Result<crate::image::PreparedImage, crate::ImageError> {
+    // Pinned and already unpacked: no need to ask the source.
+    let digest = match image.digest.as_deref().and_then(|d| d.parse().ok()) {
+        Some(d) if shared.store.is_cached(&d) => d,
+        _ => {
+            shared
+                .images
+                .fetch(image, auth, shared.store.layout())
+                .await?
+        }
+    };
+    let p = shared.store.prepare(&digest).await?;
+    shared.cached.lock().unwrap().insert(digest.to_string());
+    Ok(p)
+}
+
+/// Everything an instance holds, released by [`cleanup`].
+#[derive(Default)]
+struct Resources {
+    dir: Option<PathBuf>,
+    ip: Option<Ipv4Addr>,
+    cgroup: Option<Cgroup>,
+    net: Option<InstanceNet>,
+}
+
+fn cleanup(shared: &Shared, res: &mut Resources) {
+    if let Some(cg) = res.cgroup.take() {
+        cg.kill_all();
+        if let Err(e) = cg.remove() {
+            tracing::warn!(error = %e, "cgroup removal failed");
+        }
+    }
+    if let Some(n) = res.net.take()
+        && let Err(e) = crate::net::teardown_instance(&n)
+    {
+        tracing::warn!(error = %e, "network teardown failed");
+    }
+    if let Some(ip) = res.ip.take() {
+        shared.ipam.release(ip);
+    }
+    if let Some(d) = res.dir.take()
+        && let Err(e) = rootfs::remove(&d)
+    {
+        tracing::warn!(error = %e, "rootfs removal failed");
+    }
+}
+
+fn env_contract(spec: &InstanceSpec, image_env: &[String]) -> Vec<String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        if let Some(e) = out.iter_mut().find(|(ek, _)| ek == k) {
+            e.1 = v.to_string();
+        } else {
+            out.push((k.to_string(), v.to_string()));
+        }
+    };
+    set(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    set("HOSTNAME", &hostname(spec));
+    for e in image_env {
+        let (k, v) = e.split_once('=').unwrap_or((e, ""));
+        set(k, v);
+    }
+    for (k, v) in &spec.env {
+        set(k, v);
+    }
+    // The platform's variables win: Knative and Cloud Run reserve them.
+    set("PORT", &spec.port.to_string());
+    set("K_SERVICE", &spec.service);
+    set("K_REVISION", &spec.revision);
+    set("K_CONFIGURATION", &spec.configuration);
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn argv(spec: &InstanceSpec, img: &crate::RuntimeConfig) -> Vec<String> {
+    // Kubernetes/Knative semantics: a command replaces Entrypoint and drops the image's Cmd.
+    match &spec.command {
+        Some(cmd) => cmd
+            .iter()
+            .chain(spec.args.iter().flatten())
+            .cloned()
+            .collect(),
+        None => img
+            .entrypoint
+            .iter()
+            .chain(spec.args.as_ref().unwrap_or(&img.cmd))
+            .cloned()
+            .collect(),
+    }
+}
+
+fn hostname(spec: &InstanceSpec) -> String {
+    let mut h: String = spec
+        .instance_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    h.truncate(63);
+    h
+}
+
+fn resolv_conf() -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut out: String = host
+        .lines()
+        .filter(|l| {
+            !(l.trim_start().starts_with("nameserver")
+                && (l.contains(" 127.") || l.contains(" ::1")))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if !out
+        .lines()
+        .any(|l| l.trim_start().starts_with("nameserver"))
+    {
+        out.push_str("nameserver 1.1.1.1\nnameserver 8.8.8.8\n");
+    }
+    out
+}
+
+struct Started {
+    pid: i32,
+    exit: oneshot::Receiver<(Option<i32>, Option<i32>)>,
+}
+
+/// Blocking part of the start: rootfs, cgroup, sandbox, network. Fills `res` as it goes.
+fn start_blocking(
+    shared: &Shared,
+    spec: &InstanceSpec,
+    image: &crate::image::PreparedImage,
+    res: &Arc<Mutex<Resources>>,
+    log: &Arc<Mutex<std::fs::File>>,
+    rt: &tokio::runtime::Handle,
+) -> Result<(Started, ExecInfo), String> {
+    let id = &spec.instance_id;
+    let dir = crate::instance_dir(&shared.config.data_dir, id);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("instance dir {dir:?}: {e}"))?;
+    res.lock().unwrap().dir = Some(dir.clone());
+    let root = rootfs::mount_overlay(&dir, &image.layers).map_err(|e| e.to_string())?;
+    let ip = shared.ipam.allocate(id).map_err(|e| e.to_string())?;
+    res.lock().unwrap().ip = Some(ip);
+    let host = hostname(spec);
+    let w = |rel: &str, c: &str| rootfs::write_file_in_root(&root, rel, c.as_bytes());
+    w(
+        "/etc/hosts",
+        &format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n{ip}\t{host}\n"),
+    )
+    .and_then(|()| w("/etc/resolv.conf", &resolv_conf()))
+    .and_then(|()| w("/etc/hostname", &format!("{host}\n")))
+    .map_err(|e| e.to_string())?;
+    let limits = Limits {
+        cpu_millis: spec.cpu.millis(),
+        memory_bytes: spec.memory.bytes(),
+        pids: spec.pids_limit.unwrap_or(shared.config.default_pids_limit),
+    };
+    let cg = Cgroup::create(&shared.hierarchy, id, &limits).map_err(|e| e.to_string())?;
+    res.lock().unwrap().cgroup = Some(cg.clone());
+    let env = env_contract(spec, &image.config.env);
+    let sspec = SandboxSpec {
+        rootfs: root.clone(),
+        hostname: host,
+        argv: argv(spec, &image.config),
+        env: env.clone(),
+        workdir: image.config.working_dir.clone(),
+        user: image.config.user.clone(),
+    };
+    let plan = sandbox::plan(&sspec).map_err(|e| e.to_string())?;
+    let spawned = sandbox::spawn(&plan).map_err(|e| e.to_string())?;
+    let pid = spawned.pid;
+    let (exit_tx, exit_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("wait-{pid}"))
+        .spawn(move || {
+            let r = sandbox::wait(pid).unwrap_or((None, None));
+            let _ = exit_tx.send(r);
+        })
+        .map_err(|e| format!("waiter thread: {e}"))?;
+    let started = Started { pid, exit: exit_rx };
+    let fail = |msg: String| {
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+        msg
+    };
+    // Logs: readers before release so the pipes never fill.
+    {
+        let _g = rt.enter();
+        for (fd, stream) in [
+            (spawned.stdout.try_clone(), "stdout"),
+            (spawned.stderr.try_clone(), "stderr"),
+        ] {
+            let fd = fd.map_err(|e| fail(format!("log pipe: {e}")))?;
+            let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+                .map_err(|e| fail(format!("log pipe: {e}")))?;
+            rt.spawn(pump_log(rx, stream, log.clone()));
+        }
+    }
+    cg.add(pid).map_err(|e| fail(e.to_string()))?;
+    let net = crate::net::setup_instance(&shared.config.net, id, pid, ip, spec.outbound_network)
+        .map_err(|e| fail(e.to_string()))?;
+    res.lock().unwrap().net = Some(net);
+    spawned.release().map_err(|e| fail(e.to_string()))?;
+    let info = ExecInfo {
+        pid,
+        cgroup: cg,
+        env,
+        user: image.config.user.clone(),
+        workdir: image.config.working_dir.clone(),
+        rootfs: root,
+    };
+    Ok((started, info))
+}
+
+async fn pump_log(
+    rx: tokio::net::unix::pipe::Receiver,
+    stream: &'static str,
+    log: Arc<Mutex<std::fs::File>>,
+) {
+    let mut r = tokio::io::BufReader::new(rx);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                }
+                let ts = time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                let line = format!("{ts} {stream} {}\n", String::from_utf8_lossy(&buf));
+                let _ = log.lock().unwrap().write_all(line.as_bytes());
+            }
+        }
+    }
+}
+
+async fn probe_once(addr: SocketAddr, probe: &Probe, starting: bool) -> bool {
+    let mut timeout = Duration::from_millis(probe.timeout_ms.max(1));
+    if starting {
+        // While starting, a lost SYN must not cost a 1 s retransmit: retry with a fresh one.
+        timeout = timeout.min(Duration::from_millis(100));
+    }
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        match &probe.kind {
+            ProbeKind::Tcp => Some(true),
+            ProbeKind::Http { path } => {
+                let req = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ferry-probe\r\nConnection: close\r\n\r\n"
+                );
+                s.write_all(req.as_bytes()).await.ok()?;
+                let mut head = [0u8; 16];
+                let mut n = 0;
+                while n < 12 {
+                    let r = s.read(&mut head[n..]).await.ok()?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                let code: u16 = std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()?;
+                Some((200..400).contains(&code))
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn exit_reason(cg: Option<&Cgroup>, code: Option<i32>, signal: Option<i32>) -> ExitReason {
+    if cg.is_some_and(|c| c.usage().oom_kills > 0) {
+        return ExitReason::OomKilled;
+    }
+    match (code, signal) {
+        (_, Some(s)) => ExitReason::Signaled { signal: s },
+        (Some(c), _) => ExitReason::Exited { code: c },
+        _ => ExitReason::Exited { code: -1 },
+    }
+}
+
+enum End {
+    Stopped,
+    Failed(ExitReason),
+}
+
+/// The instance task.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    spec: InstanceSpec,
+    mut stop_rx: mpsc::UnboundedReceiver<Duration>,
+) {
+    let id = spec.instance_id.clone();
+    let span = tracing::info_span!("instance", instance = %id);
+    let _e = span.enter();
+    drop(_e);
+    shared
+        .emit(status(&shared, &id, InstanceState::Pending, None, None))
+        .await;
+    let res = Arc::new(Mutex::new(Resources::default()));
+    let (end, address) = supervise(&shared, &spec, &mut stop_rx, &res).await;
+    {
+        let shared2 = shared.clone();
+        let res2 = res.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || cleanup(&shared2, &mut res2.lock().unwrap())).await;
+    }
+    shared.instances.lock().unwrap().remove(&id);
+    let (state, reason) = match end {
+        End::Stopped => (InstanceState::Stopped, ExitReason::Stopped),
+        End::Failed(r) => (InstanceState::Failed, r),
+    };
+    tracing::info!(instance = %id, ?state, ?reason, "instance ended");
+    shared
+        .emit(status(&shared, &id, state, address, Some(reason)))
+        .await;
+}
+
+async fn supervise(
+    shared: &Arc<Shared>,
+    spec: &InstanceSpec,
+    stop_rx: &mut mpsc::UnboundedReceiver<Duration>,
+    res: &Arc<Mutex<Resources>>,
+) -> (End, Option<SocketAddr>) {
+    let id = spec.instance_id.clone();
+    let image = tokio::select! {
+        r = prepare_image(shared, &spec.image, spec.registry_auth.as_ref()) => r,
+        _ = stop_rx.recv() => return (End::Stopped, None),
+    };
+    let image = match image {
+        Ok(i) => i,
+        Err(e) => {
+            return (
+                End::Failed(ExitReason::ImageError {
+                    message: e.to_string(),
+                }),
+                None,
+            );
+        }
+    };
+    let log_path = shared.log_path(&id);
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+    {
+        Ok(f) => Arc::new(Mutex::new(f)),
+        Err(e) => {
+            return (
+                End::Failed(ExitReason::StartError {
+                    message: format!("log file {log_path:?}: {e}"),
+                }),
+                None,
+            );
+        }
+    };
+    let started = {
+        let (shared, spec, res, log) = (shared.clone(), spec.clone(), res.clone(), log.clone());
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || start_blocking(&shared, &spec, &image, &res, &log, &rt))
+            .await
+            .unwrap_or_else(|e| Err(format!("start task: {e}")))
+    };
+    let (mut started, info) = match started {
+        Ok(s) => s,
+        Err(message) => {
+            tracing::warn!(instance = %id, error = %message, "start failed");
+            return (End::Failed(ExitReason::StartError { message }), None);
+        }
+    };
+    let cg = info.cgroup.clone();
+    let ip = res.lock().unwrap().ip.expect("ip leased");
+    let veth = res
+        .lock()
+        .unwrap()
+        .net
+        .as_ref()
+        .map(|n| n.host_veth.clone());
+    let addr = SocketAddr::from((ip, spec.port));
+    if let Some(h) = shared.instances.lock().unwrap().get(&id) {
+        *h.sampling.lock().unwrap() = (Some(cg.clone()), veth);
+        *h.exec.lock().unwrap() = Some(info);
+    }
+    shared
+        .emit(status(
+            shared,
+            &id,
+            InstanceState::Starting,
+            Some(addr),
+            None,
+        ))
+        .await;
+
+    // Readiness: poll fast at first (1 ms), backing off to 10 ms (TCP) or the probe period.
+    let deadline = Instant::now() + shared.config.start_timeout;
+    let max_delay = match spec.readiness.kind {
+        ProbeKind::Tcp => Duration::from_millis(10),
+        ProbeKind::Http { .. } => Duration::from_millis(spec.readiness.period_ms.clamp(10, 100)),
+    };
+    let mut delay = Duration::from_millis(1);
+    loop {
+        tokio::select! {
+            r = &mut started.exit => {
+                let (code, sig) = r.unwrap_or((None, None));
+                return (End::Failed(exit_reason(Some(&cg), code, sig)), Some(addr));
+            }
+            g = stop_rx.recv() => {
+                return (stop(shared, &id, started, g, &cg, addr).await, Some(addr));
+            }
+            ok = probe_once(addr, &spec.readiness, true) => {
+                if ok { break; }
+                if Instant::now() > deadline {
+                    let _ = crate::sys::kill(started.pid, libc::SIGKILL);
+                    let _ = (&mut started.exit).await;
+                    return (End::Failed(ExitReason::ProbeFailed {
+                        message: format!("not ready after {:?}", shared.config.start_timeout),
+                    }), Some(addr));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(max_delay);
+            }
+        }
+    }
+    shared
+        .emit(status(shared, &id, InstanceState::Ready, Some(addr), None))
+        .await;
+
+    let liveness = spec.liveness.clone();
+    let period = liveness.as_ref().map_or(Duration::from_secs(3600), |p| {
+        Duration::from_millis(p.period_ms.max(10))
+    });
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            r = &mut started.exit => {
+                let (code, sig) = r.unwrap_or((None, None));
+                return (End::Failed(exit_reason(Some(&cg), code, sig)), Some(addr));
+            }
+            g = stop_rx.recv() => {
+                return (stop(shared, &id, started, g, &cg, addr).await, Some(addr));
+            }
+            _ = tokio::time::sleep(period), if liveness.is_some() => {
+                let p = liveness.as_ref().expect("liveness set");
+                if probe_once(addr, p, false).await {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                    if failures >= p.failure_threshold.max(1) {
+                        let _ = crate::sys::kill(started.pid, libc::SIGKILL);
+                        let _ = (&mut started.exit).await;
+                        return (End::Failed(ExitReason::ProbeFailed {
+                            message: format!("liveness failed {failures} times"),
+                        }), Some(addr));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM, grace, SIGKILL to the pid namespace's init (which takes the namespace with it).
+async fn stop(
+    shared: &Shared,
+    id: &str,
+    mut started: Started,
+    grace: Option<Duration>,
+    cg: &Cgroup,
+    addr: SocketAddr,
+) -> End {
+    shared
+        .emit(status(
+            shared,
+            id,
+            InstanceState::Draining,
+            Some(addr),
+            None,
+        ))
+        .await;
+    let grace = grace.unwrap_or(Duration::from_secs(10));
+    let _ = crate::sys::kill(started.pid, libc::SIGTERM);
+    if tokio::time::timeout(grace, &mut started.exit)
+        .await
+        .is_err()
+    {
+        let _ = crate::sys::kill(started.pid, libc::SIGKILL);
+        cg.kill_all();
+        let _ = (&mut started.exit).await;
+    }
+    End::Stopped
+}
+
+pub(crate) fn follow_log(
+    path: PathBuf,
+    from: u64,
+    stop: CancellationToken,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut pos = from;
+        let mut pending = Vec::new();
+        loop {
+            if let Ok(mut f) = tokio::fs::File::open(&path).await
+                && f.seek(std::io::SeekFrom::Start(pos)).await.is_ok()
+            {
+                let mut buf = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut buf).await {
+                    pos += n as u64;
+                    pending.extend_from_slice(&buf);
+                    while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=i).collect();
+                        let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                        if tx.send(s).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    rx
+}
+
+pub(crate) async fn exec(
+    shared: &Arc<Shared>,
+    id: &str,
+    argv: Vec<String>,
+    stdin: Vec<u8>,
+) -> Result<ExecOutput, AgentError> {
+    let info = shared
+        .instances
+        .lock()
+        .unwrap()
+        .get(id)
+        .and_then(|h| h.exec.lock().unwrap().clone())
+        .ok_or_else(|| AgentError::NoInstance(id.into()))?;
+    let id2 = id.to_string();
+    tokio::task::spawn_blocking(move || {
+        crate::sandbox::exec_in(
+            &info.pid,
+            &info.cgroup,
+            &info.env,
+            info.user.as_deref(),
+            info.workdir.as_deref(),
+            &info.rootfs,
+            &argv,
+            &stdin,
+        )
+    })
+    .await
+    .map_err(|e| AgentError::Exec {
+        instance: id2.clone(),
+        message: e.to_string(),
+    })?
+    .map_err(|e| AgentError::Exec {
+        instance: id2,
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::{Cpu, Memory};
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            instance_id: "rev-1-abc".into(),
+            service: "svc".into(),
+            revision: "rev-1".into(),
+            configuration: "svc".into(),
+            image: "localhost/x@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                .parse()
+                .unwrap(),
+            registry_auth: None,
+            command: None,
+            args: None,
+            env: [("A".to_string(), "spec".to_string()), ("PORT".into(), "1".into())]
+                .into_iter()
+                .collect(),
+            port: 8080,
+            cpu: Cpu(500),
+            memory: Memory(64 << 20),
+            pids_limit: None,
+            outbound_network: true,
+            readiness: Probe::default(),
+            liveness: None,
+            termination_grace_ms: 1000,
+            isolation: Default::default(),
+        }
+    }
+
+    #[test]
+    fn env_order_image_then_spec_then_platform() {
+        let env = env_contract(
+            &spec(),
+            &[
+                "A=image".into(),
+                "B=image".into(),
+                "PATH=/x".into(),
+                "K_SERVICE=image".into(),
+            ],
+        );
+        assert!(env.contains(&"K_SERVICE=svc".to_string()));
+        assert!(env.contains(&"K_REVISION=rev-1".to_string()));
+        assert!(env.contains(&"K_CONFIGURATION=svc".to_string()));
+        assert!(env.contains(&"A=spec".to_string()));
+        assert!(env.contains(&"B=image".to_string()));
+        assert!(env.contains(&"PATH=/x".to_string()));
+        // The platform's PORT and K_* win over the image and the spec (Knative reserves them).
+        assert!(env.contains(&"PORT=8080".to_string()), "{env:?}");
+        assert!(!env.iter().any(|e| e == "PORT=1" || e == "K_SERVICE=image"));
+    }
+
+    #[test]
+    fn command_and_args_override() {
+        let img = crate::RuntimeConfig {
+            entrypoint: vec!["/e".into()],
+            cmd: vec!["c".into()],
+            ..Default::default()
+        };
+        let mut s = spec();
+        assert_eq!(argv(&s, &img), ["/e", "c"]);
+        s.args = Some(vec!["a".into()]);
+        assert_eq!(argv(&s, &img), ["/e", "a"]);
+        s.command = Some(vec!["/x".into()]);
+        s.args = None;
+        assert_eq!(argv(&s, &img), ["/x"]);
+    }
+}

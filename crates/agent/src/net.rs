@@ -1,0 +1,587 @@
+//! Instance networking without external tools: a host bridge (`ferry0`, 10.88.0.1/16), one veth
+//! pair per instance (host end on the bridge, `eth0` created directly inside the instance's
+//! netns), a file-backed IPAM, and outbound NAT through iptables when the host has it.
+//! Netlink is spoken raw (RTM_NEWLINK/NEWADDR/NEWROUTE/DELLINK).
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink {op}: {source}")]
+    Netlink { op: String, source: io::Error },
+    #[error("network {what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("ipam: no free address in {0}")]
+    Exhausted(String),
+}
+
+/// The node network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            bridge: "ferry0".into(),
+            gateway: Ipv4Addr::new(10, 88, 0, 1),
+            prefix: 16,
+        }
+    }
+}
+
+impl NetConfig {
+    fn network(&self) -> u32 {
+        u32::from(self.gateway) & (u32::MAX << (32 - u32::from(self.prefix)))
+    }
+
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", Ipv4Addr::from(self.network()), self.prefix)
+    }
+}
+
+// --- raw netlink -----------------------------------------------------------------------------
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_NET_NS_PID: u16 = 19;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const NLA_F_NESTED: u16 = 0x8000;
+const IFF_UP: u32 = 1;
+
+struct Msg {
+    buf: Vec<u8>,
+}
+
+impl Msg {
+    fn new(ty: u16, flags: u16) -> Msg {
+        let mut buf = vec![0u8; 16];
+        buf[4..6].copy_from_slice(&ty.to_ne_bytes());
+        buf[6..8].copy_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        buf[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        Msg { buf }
+    }
+
+    fn raw(&mut self, data: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(data);
+        self.pad();
+        self
+    }
+
+    fn pad(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+
+    fn ifinfo(&mut self, index: i32, flags: u32, change: u32) -> &mut Self {
+        let mut h = [0u8; 16];
+        h[0] = libc::AF_UNSPEC as u8;
+        h[4..8].copy_from_slice(&index.to_ne_bytes());
+        h[8..12].copy_from_slice(&flags.to_ne_bytes());
+        h[12..16].copy_from_slice(&change.to_ne_bytes());
+        self.raw(&h)
+    }
+
+    fn attr(&mut self, ty: u16, data: &[u8]) -> &mut Self {
+        let len = (4 + data.len()) as u16;
+        self.buf.extend_from_slice(&len.to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.pad();
+        self
+    }
+
+    fn attr_str(&mut self, ty: u16, s: &str) -> &mut Self {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        self.attr(ty, &v)
+    }
+
+    fn nest_start(&mut self, ty: u16) -> usize {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0, 0]);
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        at
+    }
+
+    fn nest_end(&mut self, at: usize) -> &mut Self {
+        let len = (self.buf.len() - at) as u16;
+        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+        self
+    }
+
+    fn finish(&mut self) -> &[u8] {
+        let len = self.buf.len() as u32;
+        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
+        &self.buf
+    }
+}
+
+/// A NETLINK_ROUTE socket in the calling thread's network namespace.
+struct Netlink {
+    fd: OwnedFd,
+}
+
+impl Netlink {
+    fn open() -> io::Result<Netlink> {
+        // SAFETY: plain socket(2) call; the fd is owned right after.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh socket we own.
+        Ok(Netlink {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Sends one request and waits for its ack.
+    fn request(&self, op: &str, msg: &mut Msg) -> Result<(), NetError> {
+        let nl = |source: io::Error| NetError::Netlink {
+            op: op.to_string(),
+            source,
+        };
+        let data = msg.finish();
+        // SAFETY: sending a byte buffer on our socket (kernel is the default destination).
+        let r = unsafe { libc::send(self.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+        if r < 0 {
+            return Err(nl(io::Error::last_os_error()));
+        }
+        let mut buf = vec![0u8; 8192];
+        loop {
+            // SAFETY: receiving into our buffer of the given length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(nl(e));
+            }
+            let n = n as usize;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+                if ty == libc::NLMSG_ERROR as u16 && off + 20 <= n {
+                    let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
+                    if code == 0 {
+                        return Ok(());
+                    }
+                    return Err(nl(io::Error::from_raw_os_error(-code)));
+                }
+                if len == 0 {
+                    break;
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+fn ifindex(name: &str) -> Option<i32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i as i32)
+}
+
+fn link_up(nl: &Netlink, index: i32, what: &str) -> Result<(), NetError> {
+    nl.request(
+        &format!("set {what} up"),
+        Msg::new(RTM_NEWLINK, 0).ifinfo(index, IFF_UP, IFF_UP),
+    )
+}
+
+fn add_addr(
+    nl: &Netlink,
+    index: i32,
+    ip: Ipv4Addr,
+    prefix: u8,
+    what: &str,
+) -> Result<(), NetError> {
+    let mut m = Msg::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL);
+    let mut h = [0u8; 8];
+    h[0] = libc::AF_INET as u8;
+    h[1] = prefix;
+    h[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
+    m.raw(&h)
+        .attr(IFA_LOCAL, &ip.octets())
+        .attr(IFA_ADDRESS, &ip.octets());
+    match nl.request(&format!("add {ip}/{prefix} to {what}"), &mut m) {
+        Err(NetError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Creates the bridge (if missing), gives it the gateway address and brings it up; enables
+/// forwarding and outbound NAT (iptables, when installed).
+pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
+    let nl = Netlink::open().map_err(|source| NetError::Netlink {
+        op: "open".into(),
+        source,
+    })?;
+    if ifindex(&cfg.bridge).is_none() {
+        let mut m = Msg::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
+        m.ifinfo(0, 0, 0).attr_str(IFLA_IFNAME, &cfg.bridge);
+        let li = m.nest_start(IFLA_LINKINFO);
+        m.attr_str(IFLA_INFO_KIND, "bridge");
+        m.nest_end(li);
+        match nl.request(&format!("create bridge {}", cfg.bridge), &mut m) {
+            Err(NetError::Netlink { source, .. })
+                if source.raw_os_error() == Some(libc::EEXIST) => {}
+            r => r?,
+        }
+    }
+    let idx = ifindex(&cfg.bridge).ok_or_else(|| NetError::Io {
+        what: format!("bridge {}", cfg.bridge),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    add_addr(&nl, idx, cfg.gateway, cfg.prefix, &cfg.bridge)?;
+    link_up(&nl, idx, &cfg.bridge)?;
+    let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+    if let Some(ipt) = iptables() {
+        let cidr = cfg.cidr();
+        let rule = [
+            "-t",
+            "nat",
+            "POSTROUTING",
+            "-s",
+            &cidr,
+            "!",
+            "-o",
+            &cfg.bridge,
+            "-j",
+            "MASQUERADE",
+        ];
+        ensure_rule(&ipt, &rule);
+    } else {
+        tracing::warn!("iptables not found: instances get no outbound NAT");
+    }
+    Ok(())
+}
+
+fn iptables() -> Option<PathBuf> {
+    ["/usr/sbin/iptables", "/sbin/iptables", "/usr/bin/iptables"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// `rule` is `[-t table] CHAIN args...`: checks with -C, appends with -A when missing.
+fn ensure_rule(ipt: &Path, rule: &[&str]) {
+    let (table, rest): (Vec<&str>, &[&str]) = if rule.first() == Some(&"-t") {
+        (rule[..2].to_vec(), &rule[2..])
+    } else {
+        (vec![], rule)
+    };
+    let run = |flag: &str| {
+        std::process::Command::new(ipt)
+            .args(&table)
+            .arg("-w")
+            .arg(flag)
+            .args(rest)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !run("-C") && !run("-A") {
+        tracing::warn!(?rule, "iptables rule could not be added");
+    }
+}
+
+fn iptables_run(flag: &str, rest: &[&str]) {
+    if let Some(ipt) = iptables() {
+        let _ = std::process::Command::new(ipt)
+            .arg("-w")
+            .arg(flag)
+            .args(rest)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The host end's name for an instance (<= 15 bytes, stable).
+pub fn host_veth_name(instance: &str) -> String {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(instance.as_bytes());
+    format!("fv{}", &hex::encode(h)[..12])
+}
+
+/// One instance's network, as set up.
+#[derive(Debug, Clone)]
+pub struct InstanceNet {
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+    pub no_outbound: bool,
+}
+
+/// Creates the veth pair with `eth0` inside the netns of `pid`, addresses it and routes it.
+pub fn setup_instance(
+    cfg: &NetConfig,
+    instance: &str,
+    pid: i32,
+    ip: Ipv4Addr,
+    outbound: bool,
+) -> Result<InstanceNet, NetError> {
+    let nl = Netlink::open().map_err(|source| NetError::Netlink {
+        op: "open".into(),
+        source,
+    })?;
+    let ns_path = format!("/proc/{pid}/ns/net");
+    let ns = fs::File::open(&ns_path).map_err(|source| NetError::Io {
+        what: ns_path.clone(),
+        source,
+    })?;
+    let bridge = ifindex(&cfg.bridge).ok_or_else(|| NetError::Io {
+        what: format!("bridge {}", cfg.bridge),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    let host = host_veth_name(instance);
+    // A leftover of an earlier life of this instance id (agent crash) would block the name.
+    delete_link(&host)?;
+    let mut m = Msg::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
+    m.ifinfo(0, 0, 0)
+        .attr_str(IFLA_IFNAME, &host)
+        .attr(IFLA_MASTER, &(bridge as u32).to_ne_bytes());
+    let li = m.nest_start(IFLA_LINKINFO);
+    m.attr_str(IFLA_INFO_KIND, "veth");
+    let data = m.nest_start(IFLA_INFO_DATA);
+    let peer = m.nest_start(VETH_INFO_PEER);
+    m.ifinfo(0, 0, 0)
+        .attr_str(IFLA_IFNAME, "eth0")
+        .attr(IFLA_NET_NS_PID, &(pid as u32).to_ne_bytes());
+    m.nest_end(peer);
+    m.nest_end(data);
+    m.nest_end(li);
+    nl.request(&format!("create veth {host}"), &mut m)?;
+    let hidx = ifindex(&host).ok_or_else(|| NetError::Io {
+        what: format!("veth {host}"),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    link_up(&nl, hidx, &host)?;
+
+    // Inside the netns: a thread of our own joins it (network namespaces are per thread).
+    let gw = cfg.gateway;
+    let prefix = cfg.prefix;
+    let inside = std::thread::spawn(move || -> Result<(), NetError> {
+        crate::sys::setns(ns.as_raw_fd(), libc::CLONE_NEWNET).map_err(|e| NetError::Io {
+            what: "setns into instance netns".into(),
+            source: io::Error::from_raw_os_error(e),
+        })?;
+        let nl = Netlink::open().map_err(|source| NetError::Netlink {
+            op: "open in netns".into(),
+            source,
+        })?;
+        let lo = ifindex("lo").unwrap_or(1);
+        link_up(&nl, lo, "lo")?;
+        let eth = ifindex("eth0").ok_or_else(|| NetError::Io {
+            what: "eth0 in netns".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })?;
+        add_addr(&nl, eth, ip, prefix, "eth0")?;
+        link_up(&nl, eth, "eth0")?;
+        let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
+        // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+        let rt = [
+            libc::AF_INET as u8,
+            0,
+            0,
+            0,
+            libc::RT_TABLE_MAIN,
+            libc::RTPROT_BOOT,
+            libc::RT_SCOPE_UNIVERSE,
+            libc::RTN_UNICAST,
+            0,
+            0,
+            0,
+            0,
+        ];
+        m.raw(&rt)
+            .attr(RTA_GATEWAY, &gw.octets())
+            .attr(RTA_OIF, &(eth as u32).to_ne_bytes());
+        nl.request("add default route", &mut m)
+    });
+    let r = inside.join().unwrap_or_else(|_| {
+        Err(NetError::Io {
+            what: "netns thread panicked".into(),
+            source: io::Error::other("panic"),
+        })
+    });
+    if let Err(e) = r {
+        let _ = delete_link(&host);
+        return Err(e);
+    }
+    if !outbound {
+        let ips = ip.to_string();
+        iptables_run("-I", &["FORWARD", "-s", &ips, "-j", "DROP"]);
+    }
+    Ok(InstanceNet {
+        ip,
+        host_veth: host,
+        no_outbound: !outbound,
+    })
+}
+
+/// Deletes a link by name (missing is fine).
+pub fn delete_link(name: &str) -> Result<(), NetError> {
+    let Some(idx) = ifindex(name) else {
+        return Ok(());
+    };
+    let nl = Netlink::open().map_err(|source| NetError::Netlink {
+        op: "open".into(),
+        source,
+    })?;
+    match nl.request(
+        &format!("delete {name}"),
+        Msg::new(RTM_DELLINK, 0).ifinfo(idx, 0, 0),
+    ) {
+        Err(NetError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Removes the instance's veth (if the netns teardown has not already) and its rules.
+pub fn teardown_instance(net: &InstanceNet) -> Result<(), NetError> {
+    if net.no_outbound {
+        let ips = net.ip.to_string();
+        iptables_run("-D", &["FORWARD", "-s", &ips, "-j", "DROP"]);
+    }
+    delete_link(&net.host_veth)
+}
+
+/// Byte counters of the instance: (rx, tx) as seen from inside (host end reversed).
+pub fn counters(host_veth: &str) -> (u64, u64) {
+    let read = |f: &str| {
+        fs::read_to_string(format!("/sys/class/net/{host_veth}/statistics/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (read("tx_bytes"), read("rx_bytes"))
+}
+
+/// File-backed address allocation: one file per leased address under `dir`.
+#[derive(Debug, Clone)]
+pub struct Ipam {
+    dir: PathBuf,
+    cfg: NetConfig,
+}
+
+impl Ipam {
+    pub fn new(dir: impl Into<PathBuf>, cfg: NetConfig) -> Ipam {
+        Ipam {
+            dir: dir.into(),
+            cfg,
+        }
+    }
+
+    /// Leases a free address for `owner`, continuing after the last one leased (so addresses
+    /// are not reused at once).
+    pub fn allocate(&self, owner: &str) -> Result<Ipv4Addr, NetError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| NetError::Io { what, source }
+        };
+        fs::create_dir_all(&self.dir).map_err(io("ipam dir"))?;
+        let net = self.cfg.network();
+        let size = 1u32 << (32 - u32::from(self.cfg.prefix));
+        let gw = u32::from(self.cfg.gateway);
+        let last_file = self.dir.join("last");
+        let last = fs::read_to_string(&last_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+            .map_or(0, |ip| u32::from(ip).wrapping_sub(net));
+        for step in 1..size {
+            let off = (last + step) % size;
+            if off == 0 || off == size - 1 || net + off == gw {
+                continue;
+            }
+            let ip = Ipv4Addr::from(net + off);
+            let f = self.dir.join(ip.to_string());
+            match fs::OpenOptions::new().write(true).create_new(true).open(&f) {
+                Ok(mut file) => {
+                    use io::Write;
+                    file.write_all(owner.as_bytes()).map_err(io("ipam lease"))?;
+                    let _ = fs::write(&last_file, ip.to_string());
+                    return Ok(ip);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io("ipam lease")(e)),
+            }
+        }
+        Err(NetError::Exhausted(self.cfg.cidr()))
+    }
+
+    pub fn release(&self, ip: Ipv4Addr) {
+        let _ = fs::remove_file(self.dir.join(ip.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipam_leases_distinct_addresses_and_skips_gateway() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = NetConfig {
+            bridge: "x".into(),
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            prefix: 29,
+        };
+        let ipam = Ipam::new(t.path(), cfg);
+        let mut got = Vec::new();
+        for i in 0..5 {
+            got.push(ipam.allocate(&format!("i{i}")).unwrap());
+        }
+        assert!(!got.contains(&Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(!got.contains(&Ipv4Addr::new(10, 0, 0, 7)));
+        assert!(ipam.allocate("full").is_err());
+        ipam.release(got[2]);
+        assert_eq!(ipam.allocate("again").unwrap(), got[2]);
+    }
+
+    #[test]
+    fn veth_names_fit() {
+        assert!(host_veth_name("some-very-long-instance-id-abcdef").len() <= 15);
+    }
+}

@@ -1,0 +1,965 @@
+//! Our own minimal container runtime: clone into new mount, pid, net, uts and ipc namespaces,
+//! build the mount tree (proc, read-only sys and cgroup, a minimal /dev, /tmp), pivot_root into
+//! the overlay rootfs, wait for the agent to place the child in its cgroups and network, then
+//! drop privileges (bounding set and caps cut to Docker's default minus NET_RAW and MKNOD,
+//! no_new_privs, seccomp) and exec the workload.
+//!
+//! Everything the child needs is built here, in the parent, before the clone: the child of a
+//! multi-threaded process may only make raw syscalls on ready data until it execs. It reports
+//! a failure as `(step, errno)` on a close-on-exec pipe; EOF on that pipe means exec succeeded.
+
+use crate::rootfs::{self, RootfsError};
+use crate::sys;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
+    #[error("user {0:?}: not found in the image's /etc/passwd")]
+    UnknownUser(String),
+    #[error("group {0:?}: not found in the image's /etc/group")]
+    UnknownGroup(String),
+    #[error("executable {0:?}: not found in the image")]
+    NotFound(String),
+    #[error("no command: the image has no Entrypoint or Cmd and the spec none")]
+    NoCommand,
+    #[error("argument or env {0:?}: contains NUL")]
+    Nul(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("sandbox setup failed at {step}: {source}")]
+    Child {
+        step: String,
+        source: std::io::Error,
+    },
+}
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The mounted rootfs.
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    /// argv; argv[0] is looked up in `PATH` (from `env`) when it has no '/'.
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// `uid[:gid]` or `name[:group]`, resolved in the image.
+    pub user: Option<String>,
+}
+
+/// Capabilities kept (Docker's default set without NET_RAW and MKNOD).
+pub const KEPT_CAPS: &[u32] = &[
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    18, // SYS_CHROOT
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
+enum Op {
+    Mount {
+        src: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    SetattrRecursive {
+        target: CString,
+        attrs: u64,
+    },
+    Mkdir {
+        path: CString,
+        mode: libc::mode_t,
+    },
+    Touch {
+        path: CString,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+}
+
+/// Everything the child does, prepared.
+pub struct Plan {
+    ops: Vec<(Op, String)>,
+    rootfs: CString,
+    hostname: CString,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    caps: u64,
+    last_cap: u32,
+    workdir: CString,
+    exec_path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<CString>,
+    env_ptrs: Vec<*const libc::c_char>,
+    seccomp: Vec<seccompiler::BpfProgram>,
+}
+
+// SAFETY: the raw pointers point into the CStrings owned by the same Plan (never mutated).
+unsafe impl Send for Plan {}
+
+const STEP_PRIVATE: u32 = 1000;
+const STEP_PIVOT: u32 = 1001;
+const STEP_HOSTNAME: u32 = 1002;
+const STEP_GO: u32 = 1003;
+const STEP_STDIO: u32 = 1004;
+const STEP_FDS: u32 = 1005;
+const STEP_NNP: u32 = 1006;
+const STEP_CAPBSET: u32 = 1007;
+const STEP_GROUPS: u32 = 1008;
+const STEP_GID: u32 = 1009;
+const STEP_UID: u32 = 1010;
+const STEP_CAPS: u32 = 1011;
+const STEP_CHDIR: u32 = 1012;
+const STEP_SECCOMP: u32 = 1013;
+const STEP_EXEC: u32 = 1014;
+const STEP_SIGNALS: u32 = 1015;
+
+fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SandboxError> {
+    CString::new(s.as_ref())
+        .map_err(|_| SandboxError::Nul(String::from_utf8_lossy(s.as_ref()).into_owned()))
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("paths built by the agent have no NUL")
+}
+
+/// Parses `name:x:uid:gid:...` lines.
+fn lookup_id(file: Option<PathBuf>, name: &str) -> Option<(u32, u32)> {
+    let text = fs::read_to_string(file?).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() >= 4 && f[0] == name {
+            Some((f[2].parse().ok()?, f[3].parse().ok()?))
+        } else {
+            None
+        }
+    })
+}
+
+/// Resolves `user[:group]` against the rootfs's /etc/passwd and /etc/group.
+pub fn resolve_user(root: &Path, user: Option<&str>) -> Result<(u32, u32), SandboxError> {
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = || rootfs::resolve_in_root(root, "/etc/passwd");
+    let (uid, default_gid) = match u.parse::<u32>() {
+        Ok(n) => (n, lookup_by_id(passwd(), n).unwrap_or(n)),
+        Err(_) => lookup_id(passwd(), u).ok_or_else(|| SandboxError::UnknownUser(u.into()))?,
+    };
+    let gid = match g {
+        None => default_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => lookup_group(rootfs::resolve_in_root(root, "/etc/group"), g)
+                .ok_or_else(|| SandboxError::UnknownGroup(g.into()))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn lookup_group(file: Option<PathBuf>, name: &str) -> Option<u32> {
+    let text = fs::read_to_string(file?).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok())?
+    })
+}
+
+fn lookup_by_id(file: Option<PathBuf>, uid: u32) -> Option<u32> {
+    let text = fs::read_to_string(file?).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && f[2].parse::<u32>().ok()? == uid).then(|| f[3].parse().ok())?
+    })
+}
+
+fn find_executable(root: &Path, argv0: &str, env: &[String]) -> Result<String, SandboxError> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if argv0.contains('/') {
+        return match rootfs::resolve_in_root(root, argv0) {
+            Some(p) if is_exec(&p) => Ok(argv0.to_string()),
+            _ => Err(SandboxError::NotFound(argv0.into())),
+        };
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':').filter(|d| d.starts_with('/')) {
+        let cand = format!("{}/{}", dir.trim_end_matches('/'), argv0);
+        if rootfs::resolve_in_root(root, &cand).is_some_and(|p| is_exec(&p)) {
+            return Ok(cand);
+        }
+    }
+    Err(SandboxError::NotFound(argv0.into()))
+}
+
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "sysrq-trigger",
+];
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi"];
+const PROC_READONLY: &[&str] = &["bus", "fs", "irq", "sys"];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Prepares the rootfs (mount point dirs, workdir) and builds the child's plan.
+pub fn plan(spec: &SandboxSpec) -> Result<Plan, SandboxError> {
+    let root = &spec.rootfs;
+    for (d, mode) in [
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("dev", 0o755),
+        ("tmp", 0o1777),
+    ] {
+        rootfs::mkdir_in_root(root, Path::new(d), mode)?;
+    }
+    let workdir = spec.workdir.clone().unwrap_or_else(|| "/".into());
+    let (uid, gid) = resolve_user(root, spec.user.as_deref())?;
+    if workdir != "/" {
+        let dir = rootfs::mkdir_in_root(root, Path::new(&workdir), 0o755)?;
+        if uid != 0 {
+            let _ = std::os::unix::fs::lchown(&dir, Some(uid), Some(gid));
+        }
+    }
+    let argv0 = spec.argv.first().ok_or(SandboxError::NoCommand)?;
+    let exec_path = find_executable(root, argv0, &spec.env)?;
+
+    let r = |rel: &str| cpath(&root.join(rel));
+    let mut ops: Vec<(Op, String)> = Vec::new();
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    ops.push((
+        Op::Mount {
+            src: Some(c"proc".into()),
+            target: r("proc"),
+            fstype: Some(c"proc".into()),
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        "mount /proc".into(),
+    ));
+    let host_proc = Path::new("/proc");
+    for f in PROC_MASKED_FILES {
+        if host_proc.join(f).exists() {
+            ops.push((
+                Op::Mount {
+                    src: Some(c"/dev/null".into()),
+                    target: r(&format!("proc/{f}")),
+                    fstype: None,
+                    flags: libc::MS_BIND,
+                    data: None,
+                },
+                format!("mask /proc/{f}"),
+            ));
+        }
+    }
+    for d in PROC_MASKED_DIRS {
+        if host_proc.join(d).is_dir() {
+            ops.push((
+                Op::Mount {
+                    src: Some(c"tmpfs".into()),
+                    target: r(&format!("proc/{d}")),
+                    fstype: Some(c"tmpfs".into()),
+                    flags: libc::MS_RDONLY | nosuid_nodev_noexec,
+                    data: Some(c"size=0".into()),
+                },
+                format!("mask /proc/{d}"),
+            ));
+        }
+    }
+    for d in PROC_READONLY {
+        if host_proc.join(d).exists() {
+            let t = r(&format!("proc/{d}"));
+            ops.push((
+                Op::Mount {
+                    src: Some(t.clone()),
+                    target: t.clone(),
+                    fstype: None,
+                    flags: libc::MS_BIND | libc::MS_REC,
+                    data: None,
+                },
+                format!("bind /proc/{d}"),
+            ));
+            ops.push((
+                Op::SetattrRecursive {
+                    target: t,
+                    attrs: sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+                },
+                format!("make /proc/{d} read-only"),
+            ));
+        }
+    }
+    ops.push((
+        Op::Mount {
+            src: Some(c"sysfs".into()),
+            target: r("sys"),
+            fstype: Some(c"sysfs".into()),
+            flags: libc::MS_RDONLY | nosuid_nodev_noexec,
+            data: None,
+        },
+        "mount /sys".into(),
+    ));
+    if Path::new("/sys/fs/cgroup").is_dir() {
+        ops.push((
+            Op::Mount {
+                src: Some(c"/sys/fs/cgroup".into()),
+                target: r("sys/fs/cgroup"),
+                fstype: None,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+            },
+            "bind /sys/fs/cgroup".into(),
+        ));
+        ops.push((
+            Op::SetattrRecursive {
+                target: r("sys/fs/cgroup"),
+                attrs: sys::MOUNT_ATTR_RDONLY
+                    | sys::MOUNT_ATTR_NOSUID
+                    | sys::MOUNT_ATTR_NODEV
+                    | sys::MOUNT_ATTR_NOEXEC,
+            },
+            "make /sys/fs/cgroup read-only".into(),
+        ));
+    }
+    ops.push((
+        Op::Mount {
+            src: Some(c"tmpfs".into()),
+            target: r("dev"),
+            fstype: Some(c"tmpfs".into()),
+            flags: libc::MS_NOSUID | libc::MS_STRICTATIME,
+            data: Some(c"mode=755,size=65536k".into()),
+        },
+        "mount /dev".into(),
+    ));
+    for d in DEVICES {
+        let host = format!("/dev/{d}");
+        if !Path::new(&host).exists() {
+            continue;
+        }
+        ops.push((
+            Op::Touch {
+                path: r(&format!("dev/{d}")),
+            },
+            format!("create /dev/{d}"),
+        ));
+        ops.push((
+            Op::Mount {
+                src: Some(cstr(&host)?),
+                target: r(&format!("dev/{d}")),
+                fstype: None,
+                flags: libc::MS_BIND,
+                data: None,
+            },
+            format!("bind /dev/{d}"),
+        ));
+    }
+    ops.push((
+        Op::Mkdir {
+            path: r("dev/pts"),
+            mode: 0o755,
+        },
+        "mkdir /dev/pts".into(),
+    ));
+    ops.push((
+        Op::Mount {
+            src: Some(c"devpts".into()),
+            target: r("dev/pts"),
+            fstype: Some(c"devpts".into()),
+            flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+            data: Some(c"newinstance,ptmxmode=0666,mode=0620".into()),
+        },
+        "mount /dev/pts".into(),
+    ));
+    ops.push((
+        Op::Mkdir {
+            path: r("dev/shm"),
+            mode: 0o1777,
+        },
+        "mkdir /dev/shm".into(),
+    ));
+    ops.push((
+        Op::Mount {
+            src: Some(c"shm".into()),
+            target: r("dev/shm"),
+            fstype: Some(c"tmpfs".into()),
+            flags: nosuid_nodev_noexec,
+            data: Some(c"mode=1777,size=65536k".into()),
+        },
+        "mount /dev/shm".into(),
+    ));
+    for (target, link) in [
+        ("pts/ptmx", "dev/ptmx"),
+        ("/proc/self/fd", "dev/fd"),
+        ("/proc/self/fd/0", "dev/stdin"),
+        ("/proc/self/fd/1", "dev/stdout"),
+        ("/proc/self/fd/2", "dev/stderr"),
+    ] {
+        ops.push((
+            Op::Symlink {
+                target: cstr(target)?,
+                link: r(link),
+            },
+            format!("symlink /{link}"),
+        ));
+    }
+    ops.push((
+        Op::Mount {
+            src: Some(c"tmpfs".into()),
+            target: r("tmp"),
+            fstype: Some(c"tmpfs".into()),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(c"mode=1777".into()),
+        },
+        "mount /tmp".into(),
+    ));
+
+    process_plan(spec, ops, uid, gid, &workdir, &exec_path)
+}
+
+fn process_plan(
+    spec: &SandboxSpec,
+    ops: Vec<(Op, String)>,
+    uid: u32,
+    gid: u32,
+    workdir: &str,
+    exec_path: &str,
+) -> Result<Plan, SandboxError> {
+    let argv: Vec<CString> = spec.argv.iter().map(cstr).collect::<Result<_, _>>()?;
+    let env: Vec<CString> = spec.env.iter().map(cstr).collect::<Result<_, _>>()?;
+    let ptrs = |v: &[CString]| {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    let caps = KEPT_CAPS.iter().fold(0u64, |acc, c| acc | (1u64 << c));
+    let mut host = spec.hostname.clone();
+    host.truncate(63);
+    Ok(Plan {
+        ops,
+        rootfs: cpath(&spec.rootfs),
+        hostname: cstr(&host)?,
+        uid,
+        gid,
+        caps,
+        last_cap,
+        workdir: cstr(workdir)?,
+        exec_path: cstr(exec_path)?,
+        argv_ptrs: ptrs(&argv),
+        _argv: argv,
+        env_ptrs: ptrs(&env),
+        _env: env,
+        seccomp: crate::seccomp::programs()?,
+    })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a 2-int array for pipe2 to fill.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r != 0 {
+        return Err(SandboxError::Os {
+            what: "pipe2",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A sandbox child between clone and exec.
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    go: OwnedFd,
+    report: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    steps: Vec<String>,
+}
+
+impl Spawned {
+    /// Lets the child go on (after cgroup and network setup) and waits until it has exec'd
+    /// or failed.
+    pub fn release(self) -> Result<(), SandboxError> {
+        sys::write_all(self.go.as_raw_fd(), b"g").map_err(|e| SandboxError::Os {
+            what: "release sandbox child",
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
+        drop(self.go);
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            // SAFETY: reading into the unfilled tail of a stack buffer.
+            let r = unsafe {
+                libc::read(
+                    self.report.as_raw_fd(),
+                    buf[got..].as_mut_ptr().cast(),
+                    8 - got,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(SandboxError::Os {
+                    what: "read sandbox report",
+                    source: e,
+                });
+            }
+            if r == 0 {
+                break;
+            }
+            got += r as usize;
+        }
+        if got == 0 {
+            return Ok(());
+        }
+        let step = u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes"));
+        let errno = i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes"));
+        Err(SandboxError::Child {
+            step: step_name(step, &self.steps),
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+}
+
+fn step_name(step: u32, ops: &[String]) -> String {
+    match step {
+        STEP_PRIVATE => "make mounts private".into(),
+        STEP_PIVOT => "pivot_root".into(),
+        STEP_HOSTNAME => "sethostname".into(),
+        STEP_GO => "wait for the agent".into(),
+        STEP_STDIO => "set up stdio".into(),
+        STEP_FDS => "close fds".into(),
+        STEP_NNP => "no_new_privs".into(),
+        STEP_CAPBSET => "drop bounding capabilities".into(),
+        STEP_GROUPS => "setgroups".into(),
+        STEP_GID => "setgid".into(),
+        STEP_UID => "setuid".into(),
+        STEP_CAPS => "capset".into(),
+        STEP_CHDIR => "chdir to the working dir".into(),
+        STEP_SECCOMP => "install seccomp filter".into(),
+        STEP_EXEC => "exec".into(),
+        STEP_SIGNALS => "reset signals".into(),
+        i => ops
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("step {i}")),
+    }
+}
+
+/// Namespaces of a sandbox.
+pub const NS_FLAGS: libc::c_int = libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC;
+
+/// Clones the sandbox child. It sets up its mounts and then waits for [`Spawned::release`].
+pub fn spawn(plan: &Plan) -> Result<Spawned, SandboxError> {
+    let (report_r, report_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // SAFETY: the child runs `child_main`, which only makes raw syscalls on `plan`'s prepared
+    // data and ends in exec or _exit.
+    let pid = unsafe { sys::clone_fork(NS_FLAGS) }.map_err(|e| SandboxError::Os {
+        what: "clone",
+        source: std::io::Error::from_raw_os_error(e),
+    })?;
+    if pid == 0 {
+        // Drop the parent's ends: if the agent dies before `release`, the child sees EOF.
+        for fd in [
+            go_w.as_raw_fd(),
+            report_r.as_raw_fd(),
+            out_r.as_raw_fd(),
+            err_r.as_raw_fd(),
+        ] {
+            sys::close(fd);
+        }
+        child_main(
+            plan,
+            report_w.as_raw_fd(),
+            go_r.as_raw_fd(),
+            out_w.as_raw_fd(),
+            err_w.as_raw_fd(),
+        );
+    }
+    drop((report_w, go_r, out_w, err_w));
+    Ok(Spawned {
+        pid,
+        go: go_w,
+        report: report_r,
+        stdout: out_r,
+        stderr: err_r,
+        steps: plan.ops.iter().map(|(_, d)| d.clone()).collect(),
+    })
+}
+
+fn fail(report: RawFd, step: u32, errno: i32) -> ! {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    let _ = sys::write_all(report, &buf);
+    sys::exit_now(126)
+}
+
+fn run_op(op: &Op) -> sys::SysResult {
+    match op {
+        Op::Mount {
+            src,
+            target,
+            fstype,
+            flags,
+            data,
+        } => sys::mount(
+            src.as_deref(),
+            target,
+            fstype.as_deref(),
+            *flags,
+            data.as_deref(),
+        ),
+        Op::SetattrRecursive { target, attrs } => sys::mount_setattr_recursive(target, *attrs),
+        Op::Mkdir { path, mode } => sys::mkdir(path, *mode),
+        Op::Touch { path } => sys::touch(path),
+        Op::Symlink { target, link } => sys::symlink(target, link),
+    }
+}
+
+/// The child: no allocation, no locks, no panics.
+fn child_main(plan: &Plan, report: RawFd, go: RawFd, out: RawFd, err: RawFd) -> ! {
+    let ck = |step: u32, r: sys::SysResult| {
+        if let Err(e) = r {
+            fail(report, step, e);
+        }
+    };
+    ck(
+        STEP_PRIVATE,
+        sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None),
+    );
+    for (i, (op, _)) in plan.ops.iter().enumerate() {
+        ck(i as u32, run_op(op));
+    }
+    ck(STEP_PIVOT, sys::chdir(&plan.rootfs));
+    ck(STEP_PIVOT, sys::pivot_root_dot());
+    ck(STEP_PIVOT, sys::umount2(c".", libc::MNT_DETACH));
+    ck(STEP_PIVOT, sys::chdir(c"/"));
+    ck(STEP_HOSTNAME, sys::sethostname(&plan.hostname));
+    match sys::read_byte(go) {
+        Ok(true) => {}
+        // The agent went away: give up quietly.
+        Ok(false) => sys::exit_now(125),
+        Err(e) => fail(report, STEP_GO, e),
+    }
+    finish_child(plan, report, None, out, err)
+}
+
+/// Stdio, privileges, seccomp, exec: the common tail of the sandbox child and exec.
+fn finish_child(plan: &Plan, report: RawFd, stdin: Option<RawFd>, out: RawFd, err: RawFd) -> ! {
+    let ck = |step: u32, r: sys::SysResult| {
+        if let Err(e) = r {
+            fail(report, step, e);
+        }
+    };
+    let input = match stdin {
+        Some(fd) => fd,
+        None => match sys::open_rdwr(c"/dev/null") {
+            Ok(fd) => fd,
+            Err(e) => fail(report, STEP_STDIO, e),
+        },
+    };
+    ck(STEP_STDIO, sys::dup2(input, 0));
+    ck(STEP_STDIO, sys::dup2(out, 1));
+    ck(STEP_STDIO, sys::dup2(err, 2));
+    ck(STEP_FDS, sys::cloexec_from(3));
+    ck(STEP_SIGNALS, sys::reset_signals());
+    ck(STEP_NNP, sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1));
+    for cap in 0..=plan.last_cap {
+        if plan.caps & (1u64 << cap) == 0 {
+            match sys::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
+                Ok(()) | Err(libc::EINVAL) => {}
+                Err(e) => fail(report, STEP_CAPBSET, e),
+            }
+        }
+    }
+    ck(STEP_GROUPS, sys::setgroups(&[plan.gid]));
+    ck(STEP_GID, sys::setresgid(plan.gid));
+    ck(STEP_UID, sys::setresuid(plan.uid));
+    if plan.uid == 0 {
+        ck(STEP_CAPS, sys::capset(plan.caps));
+    }
+    ck(
+        STEP_CAPS,
+        sys::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        ),
+    );
+    ck(STEP_CHDIR, sys::chdir(&plan.workdir));
+    for p in &plan.seccomp {
+        ck(STEP_SECCOMP, sys::seccomp_install(p));
+    }
+    let e = sys::execve(&plan.exec_path, &plan.argv_ptrs, &plan.env_ptrs);
+    fail(report, STEP_EXEC, e)
+}
+
+/// Runs `argv` inside the sandbox whose init is `pid`: joins its ipc, uts, net, pid and mount
+/// namespaces and its cgroup, then drops privileges exactly like the sandbox itself.
+/// Collects stdout and stderr; returns the exit code or signal.
+#[allow(clippy::too_many_arguments)]
+pub fn exec_in(
+    pid: &libc::pid_t,
+    cgroup: &crate::cgroup::Cgroup,
+    env: &[String],
+    user: Option<&str>,
+    workdir: Option<&str>,
+    rootfs: &Path,
+    argv: &[String],
+    stdin: &[u8],
+) -> Result<crate::ExecOutput, SandboxError> {
+    let pid = *pid;
+    let (uid, gid) = resolve_user(rootfs, user)?;
+    let argv0 = argv.first().ok_or(SandboxError::NoCommand)?;
+    let exec_path = find_executable(rootfs, argv0, env)?;
+    let spec = SandboxSpec {
+        rootfs: rootfs.to_path_buf(),
+        hostname: String::new(),
+        argv: argv.to_vec(),
+        env: env.to_vec(),
+        workdir: None,
+        user: None,
+    };
+    let plan = process_plan(
+        &spec,
+        Vec::new(),
+        uid,
+        gid,
+        workdir.unwrap_or("/"),
+        &exec_path,
+    )?;
+    let os = |what: &'static str| move |e: std::io::Error| SandboxError::Os { what, source: e };
+    let mut ns = Vec::new();
+    for (name, flag) in [
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("net", libc::CLONE_NEWNET),
+        ("pid", libc::CLONE_NEWPID),
+        ("mnt", libc::CLONE_NEWNS),
+    ] {
+        let f = fs::File::open(ns_path(pid, name)).map_err(os("open instance namespace"))?;
+        ns.push((OwnedFd::from(f), flag));
+    }
+    let (report_r, report_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // SAFETY: the child only makes raw syscalls on prepared data and ends in _exit or exec.
+    let child = unsafe { sys::clone_fork(0) }.map_err(|e| SandboxError::Os {
+        what: "fork",
+        source: std::io::Error::from_raw_os_error(e),
+    })?;
+    if child == 0 {
+        for fd in [
+            go_w.as_raw_fd(),
+            report_r.as_raw_fd(),
+            in_w.as_raw_fd(),
+            out_r.as_raw_fd(),
+            err_r.as_raw_fd(),
+        ] {
+            sys::close(fd);
+        }
+        let report = report_w.as_raw_fd();
+        for (fd, flag) in &ns {
+            if let Err(e) = sys::setns(fd.as_raw_fd(), *flag) {
+                fail(report, STEP_GO, e);
+            }
+        }
+        match sys::read_byte(go_r.as_raw_fd()) {
+            Ok(true) => {}
+            _ => sys::exit_now(125),
+        }
+        // A second fork: only children enter the joined pid namespace.
+        // SAFETY: as above.
+        match unsafe { sys::clone_fork(0) } {
+            Ok(0) => finish_child(
+                &plan,
+                report,
+                Some(in_r.as_raw_fd()),
+                out_w.as_raw_fd(),
+                err_w.as_raw_fd(),
+            ),
+            Ok(grandchild) => {
+                // SAFETY: closing our copies so the parent sees EOF when the grandchild ends.
+                unsafe {
+                    libc::close(report);
+                    libc::close(out_w.as_raw_fd());
+                    libc::close(err_w.as_raw_fd());
+                    libc::close(in_r.as_raw_fd());
+                }
+                let mut status = 0;
+                // SAFETY: waitpid into a local.
+                while unsafe { libc::waitpid(grandchild, &mut status, 0) } < 0 {}
+                if libc::WIFSIGNALED(status) {
+                    sys::exit_now(128 + libc::WTERMSIG(status));
+                }
+                sys::exit_now(libc::WEXITSTATUS(status))
+            }
+            Err(e) => fail(report, STEP_EXEC, e),
+        }
+    }
+    drop((report_w, go_r, in_r, out_w, err_w));
+    let kill_child = |e: SandboxError| {
+        let _ = sys::kill(child, libc::SIGKILL);
+        let _ = wait(child);
+        e
+    };
+    cgroup.add(child).map_err(|e| {
+        kill_child(SandboxError::Os {
+            what: "join instance cgroup",
+            source: std::io::Error::other(e.to_string()),
+        })
+    })?;
+    sys::write_all(go_w.as_raw_fd(), b"g").map_err(|e| {
+        kill_child(SandboxError::Os {
+            what: "release exec child",
+            source: std::io::Error::from_raw_os_error(e),
+        })
+    })?;
+    drop(go_w);
+    let input = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let mut f = fs::File::from(in_w);
+        let _ = std::io::Write::write_all(&mut f, &input);
+    });
+    let read_all = |fd: OwnedFd| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut fs::File::from(fd), &mut v);
+            v
+        })
+    };
+    let out_t = read_all(out_r);
+    let err_t = read_all(err_r);
+    let mut rep = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut fs::File::from(report_r), &mut rep);
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let _ = writer.join();
+    let (code, _) = wait(child).map_err(os("wait for exec"))?;
+    if rep.len() >= 8 {
+        let step = u32::from_ne_bytes(rep[..4].try_into().expect("4 bytes"));
+        let errno = i32::from_ne_bytes(rep[4..8].try_into().expect("4 bytes"));
+        return Err(SandboxError::Child {
+            step: step_name(step, &[]),
+            source: std::io::Error::from_raw_os_error(errno),
+        });
+    }
+    let (code, signal) = match code {
+        Some(c) if c > 128 => (None, Some(c - 128)),
+        c => (c, None),
+    };
+    Ok(crate::ExecOutput {
+        code,
+        signal,
+        stdout,
+        stderr,
+    })
+}
+
+/// Reads the exit status of `pid` (blocking). Returns (code, signal).
+pub fn wait(pid: libc::pid_t) -> std::io::Result<(Option<i32>, Option<i32>)> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        break;
+    }
+    if libc::WIFEXITED(status) {
+        Ok((Some(libc::WEXITSTATUS(status)), None))
+    } else if libc::WIFSIGNALED(status) {
+        Ok((None, Some(libc::WTERMSIG(status))))
+    } else {
+        Ok((None, None))
+    }
+}
+
+/// The path of a namespace of `pid`.
+pub fn ns_path(pid: libc::pid_t, ns: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/{ns}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_resolve_in_the_image() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(
+            r.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(r.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(r, None).unwrap(), (0, 0));
+        assert_eq!(resolve_user(r, Some("app")).unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(r, Some("1000")).unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(r, Some("2000")).unwrap(), (2000, 2000));
+        assert_eq!(resolve_user(r, Some("app:staff")).unwrap(), (1000, 50));
+        assert_eq!(resolve_user(r, Some("5:6")).unwrap(), (5, 6));
+        assert!(matches!(
+            resolve_user(r, Some("nobody")),
+            Err(SandboxError::UnknownUser(_))
+        ));
+    }
+}

@@ -1,0 +1,354 @@
+//! The raw syscalls of the sandbox, in one place. Functions here take pre-built C strings and
+//! return the errno on failure; they never allocate, so the sandbox child (forked from a
+//! multi-threaded process) may call them between clone and exec.
+
+use std::ffi::CStr;
+use std::os::fd::RawFd;
+
+pub type SysResult<T = ()> = Result<T, i32>;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn check(r: libc::c_int) -> SysResult {
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+fn opt_ptr(s: Option<&CStr>) -> *const libc::c_char {
+    s.map_or(std::ptr::null(), CStr::as_ptr)
+}
+
+pub fn mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> SysResult {
+    // SAFETY: all pointers are NUL-terminated strings or null, valid for the call.
+    check(unsafe {
+        libc::mount(
+            opt_ptr(src),
+            target.as_ptr(),
+            opt_ptr(fstype),
+            flags,
+            opt_ptr(data).cast(),
+        )
+    })
+}
+
+pub fn umount2(target: &CStr, flags: libc::c_int) -> SysResult {
+    // SAFETY: `target` is a valid C string.
+    check(unsafe { libc::umount2(target.as_ptr(), flags) })
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `mount_setattr(path, AT_RECURSIVE, attr_set)`: e.g. makes a whole bind tree read-only.
+pub fn mount_setattr_recursive(target: &CStr, attr_set: u64) -> SysResult {
+    let attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `target` is a valid C string and `attr` a valid mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+pub fn pivot_root_dot() -> SysResult {
+    let dot = c".";
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+pub fn chdir(p: &CStr) -> SysResult {
+    // SAFETY: valid C string.
+    check(unsafe { libc::chdir(p.as_ptr()) })
+}
+
+pub fn mkdir(p: &CStr, mode: libc::mode_t) -> SysResult {
+    // SAFETY: valid C string.
+    match check(unsafe { libc::mkdir(p.as_ptr(), mode) }) {
+        Err(libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+pub fn symlink(target: &CStr, link: &CStr) -> SysResult {
+    // SAFETY: valid C strings.
+    check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) })
+}
+
+/// Creates an empty regular file (a bind-mount target).
+pub fn touch(p: &CStr) -> SysResult {
+    // SAFETY: valid C string; the returned fd is closed at once.
+    let fd = unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o644,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `fd` was just opened by us.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+pub fn sethostname(name: &CStr) -> SysResult {
+    // SAFETY: pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr(), name.to_bytes().len()) })
+}
+
+pub fn read_byte(fd: RawFd) -> SysResult<bool> {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: reading into a 1-byte stack buffer.
+        let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        if r < 0 {
+            let e = errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(r == 1);
+    }
+}
+
+pub fn write_all(fd: RawFd, data: &[u8]) -> SysResult {
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: the pointer and length describe the unwritten tail of `data`.
+        let r = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
+        if r < 0 {
+            let e = errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        off += r as usize;
+    }
+    Ok(())
+}
+
+pub fn open_rdwr(p: &CStr) -> SysResult<RawFd> {
+    // SAFETY: valid C string.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDWR) };
+    if fd < 0 { Err(errno()) } else { Ok(fd) }
+}
+
+pub fn dup2(from: RawFd, to: RawFd) -> SysResult {
+    // SAFETY: dup2 on fds; an invalid fd yields EBADF.
+    check(unsafe { libc::dup2(from, to) })
+}
+
+/// Marks every fd >= `from` close-on-exec.
+pub fn cloexec_from(from: u32) -> SysResult {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            from,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+pub fn prctl(op: libc::c_int, a: libc::c_ulong) -> SysResult {
+    // SAFETY: prctl options used here take integer arguments only.
+    check(unsafe {
+        libc::prctl(
+            op,
+            a,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+}
+
+// setgroups/setresgid/setresuid go straight to the kernel: glibc's wrappers run its "setxid"
+// broadcast to every thread it believes exists, and in a cloned child of a multi-threaded
+// process those threads do not exist, so the wrapper waits on a futex forever.
+
+pub fn setgroups(groups: &[libc::gid_t]) -> SysResult {
+    // SAFETY: pointer and length describe `groups`; a raw syscall touches no libc state.
+    check(
+        unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } as libc::c_int,
+    )
+}
+
+pub fn setresgid(g: libc::gid_t) -> SysResult {
+    // SAFETY: plain integer syscall.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, g, g, g) } as libc::c_int)
+}
+
+pub fn setresuid(u: libc::uid_t) -> SysResult {
+    // SAFETY: plain integer syscall.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, u, u, u) } as libc::c_int)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Sets effective = permitted = `caps`, inheritable = none.
+pub fn capset(caps: u64) -> SysResult {
+    let mut h = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let lo = caps as u32;
+    let hi = (caps >> 32) as u32;
+    let d = [
+        CapData {
+            effective: lo,
+            permitted: lo,
+            inheritable: 0,
+        },
+        CapData {
+            effective: hi,
+            permitted: hi,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: header and two data structs of the v3 layout, valid for the call.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut CapHeader, d.as_ptr()) };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// Installs a seccomp filter (no_new_privs must be set).
+pub fn seccomp_install(prog: &[seccompiler::sock_filter]) -> SysResult {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        // seccompiler's sock_filter is repr(C) with libc's layout.
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel copies it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            1 as libc::c_ulong, // SECCOMP_SET_MODE_FILTER
+            0 as libc::c_ulong,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> i32 {
+    // SAFETY: argv/envp are NULL-terminated arrays of pointers to C strings that the caller
+    // keeps alive; execve only returns on failure.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    errno()
+}
+
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit ends the process without running atexit handlers or destructors, the only
+    // safe way out of a forked child of a multi-threaded process.
+    unsafe { libc::_exit(code) }
+}
+
+/// A fork-like clone into new namespaces: returns 0 in the child, its pid in the parent.
+///
+/// # Safety
+/// The caller is multi-threaded: in the child only async-signal-safe work (raw syscalls on
+/// pre-built data, no allocation, no locks) may happen before exec or `_exit`.
+pub unsafe fn clone_fork(flags: libc::c_int) -> SysResult<libc::pid_t> {
+    // SAFETY: with a null stack pointer, clone behaves like fork (the child runs on a copy of
+    // the caller's stack); the caller upholds the child-side rules above.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r as libc::pid_t)
+    }
+}
+
+pub fn setns(fd: RawFd, nstype: libc::c_int) -> SysResult {
+    // SAFETY: setns on an fd; a bad fd yields EBADF.
+    check(unsafe { libc::setns(fd, nstype) })
+}
+
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> SysResult {
+    // SAFETY: plain integer syscall.
+    check(unsafe { libc::kill(pid, sig) })
+}
+
+/// Restores default signal handling for exec: SIGPIPE (ignored by Rust's runtime) to default and
+/// an empty signal mask.
+pub fn reset_signals() -> SysResult {
+    // SAFETY: `set` is a stack sigset initialised by sigemptyset before use; signal() with
+    // SIG_DFL installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        check(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &set,
+            std::ptr::null_mut(),
+        ))
+    }
+}
+
+/// Closes `fd`, ignoring errors (used in a cloned child to drop the parent's pipe ends, so
+/// that the parent's exit shows up as EOF).
+pub fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor number has no memory-safety preconditions; the child owns
+    // its copy of the descriptor table.
+    unsafe {
+        libc::close(fd);
+    }
+}

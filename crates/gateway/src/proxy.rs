@@ -1,0 +1,432 @@
+//! The request path: host → service → revision (weighted) → instance (least outstanding, with
+//! room) or the hold queue → upstream over HTTP/1.1 or h2c, streaming both ways.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ferry_api::gateway::{Endpoint, GatewayEvent, RevisionRoute, RouteTable, ServiceRoute};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::Config;
+use crate::body::{GatewayBody, LimitedBody, ResponseBody, empty};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::routing;
+use crate::state::{Admission, InflightGuard, RevState, Revisions, WaitGuard};
+
+/// Requests without a timeout of their own still end: this is the ceiling.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a held request reminds control that it is still waiting.
+const DEMAND_EVERY: Duration = Duration::from_millis(500);
+
+/// Route table indexed by service name; requests share it, nothing is copied per request.
+pub type Index = HashMap<String, Arc<ServiceRoute>>;
+
+pub fn index(table: &RouteTable) -> Arc<Index> {
+    Arc::new(
+        table
+            .services
+            .iter()
+            .map(|s| (s.service.to_ascii_lowercase(), Arc::new(s.clone())))
+            .collect(),
+    )
+}
+
+fn revision<'a>(svc: &'a ServiceRoute, name: &str) -> Option<&'a RevisionRoute> {
+    svc.revisions.iter().find(|r| r.revision == name)
+}
+
+pub struct Shared {
+    pub config: Config,
+    pub index: watch::Sender<Arc<Index>>,
+    pub events: mpsc::Sender<GatewayEvent>,
+    pub revs: Revisions,
+    /// Upgraded connections (WebSocket and the like), drained on shutdown with the rest.
+    pub tunnels: TaskTracker,
+    /// Cancelled when the drain deadline passes: open tunnels are cut.
+    pub hard_stop: CancellationToken,
+    h1: Client<HttpConnector, GatewayBody>,
+    h2c: Client<HttpConnector, GatewayBody>,
+}
+
+impl Shared {
+    pub fn new(config: Config, table: &RouteTable, events: mpsc::Sender<GatewayEvent>) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(Duration::from_secs(5)));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(conn.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
+            .build(conn);
+        let (index, _) = watch::channel(index(table));
+        Shared {
+            config,
+            index,
+            events,
+            revs: Revisions::default(),
+            tunnels: TaskTracker::new(),
+            hard_stop: CancellationToken::new(),
+            h1,
+            h2c,
+        }
+    }
+
+    fn demand(&self, service: &str, revision: &str, waiting: u32) {
+        let ev = GatewayEvent::Demand {
+            service: service.to_string(),
+            revision: revision.to_string(),
+            waiting,
+        };
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                let tx = self.events.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(ev).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!("gateway event receiver closed; demand dropped");
+            }
+        }
+    }
+}
+
+/// hyper service entry point: never fails, every error becomes a JSON response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    let request_id = headers::ensure_request_id(req.headers_mut());
+    let span = info_span!("request", request_id = %request_id, method = %req.method(), path = %req.uri().path());
+    let resp = match proxy(&shared, client, req, &request_id)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            span.in_scope(|| debug!(status = e.status.as_u16(), code = e.code, source = e.origin.as_str(), message = %e.message, "answered by gateway"));
+            e.into_response(&request_id)
+        }
+    };
+    Ok(resp)
+}
+
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(h) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    {
+        return Some(h.to_string());
+    }
+    req.uri().authority().map(|a| a.to_string())
+}
+
+async fn proxy(
+    shared: &Shared,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    let start = Instant::now();
+    let host = request_host(&req).unwrap_or_default();
+    let service = routing::service_from_host(&host, &shared.config.domain)
+        .ok_or_else(|| ProxyError::service_not_found(&host))?;
+    let svc = shared
+        .index
+        .borrow()
+        .get(&service)
+        .cloned()
+        .ok_or_else(|| ProxyError::service_not_found(&host))?;
+    let total = routing::traffic_total(&svc.traffic);
+    let revision = routing::pick_revision(&svc.traffic, rand::random_range(0..total.max(1)))
+        .ok_or_else(|| ProxyError::no_revision(&service, "no revision receives traffic"))?
+        .to_string();
+    let route = revision_of(&svc, &revision)?;
+    let rev = shared.revs.get(&service, &revision);
+    rev.record_request();
+
+    if route.max_body_bytes > 0
+        && let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        && len > route.max_body_bytes
+    {
+        return Err(ProxyError::body_too_large(route.max_body_bytes));
+    }
+
+    let timeout_ms = route.request_timeout_ms;
+    let timeout = if timeout_ms == 0 {
+        DEFAULT_TIMEOUT
+    } else {
+        Duration::from_millis(timeout_ms)
+    };
+    let deadline = tokio::time::Instant::from_std(start) + timeout;
+
+    let (guard, endpoint, svc) = hold(shared, &rev, svc, deadline).await?;
+    let route = revision_of(&svc, &revision)?;
+
+    // Rewrite headers for the instance.
+    let upgrade = headers::is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    headers::add_forwarding(&mut parts.headers, client.ip().to_canonical(), &host);
+    headers::ensure_traceparent(&mut parts.headers);
+    let h2c = route.h2c && !upgrade;
+    let no_body = body.is_end_stream();
+    let limited = LimitedBody::new(body, route.max_body_bytes);
+    let exceeded = limited.exceeded.clone();
+    let mut body = Some(if no_body {
+        empty()
+    } else {
+        limited.boxed_unsync()
+    });
+
+    let mut guard = guard;
+    let mut endpoint = endpoint;
+    let mut retried = false;
+    let resp = loop {
+        let upstream = build_upstream(
+            &parts,
+            &endpoint,
+            h2c,
+            &host,
+            body.take().unwrap_or_else(empty),
+        )?;
+        let client = if h2c { &shared.h2c } else { &shared.h1 };
+        match tokio::time::timeout_at(deadline, client.request(upstream)).await {
+            Ok(Ok(resp)) => break resp,
+            Ok(Err(e)) => {
+                if exceeded.load(Ordering::SeqCst) {
+                    return Err(ProxyError::body_too_large(route.max_body_bytes));
+                }
+                if e.is_connect() && no_body && !retried {
+                    retried = true;
+                    let failed = endpoint.instance_id.clone();
+                    if let Some((g, ep)) = rev.acquire(route, Admission::Retry, Some(&failed)) {
+                        warn!(instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(&e), "connect failed; retrying on another instance");
+                        // Free the failed slot only after taking the new one.
+                        guard = g;
+                        endpoint = ep;
+                        continue;
+                    }
+                }
+                warn!(instance = %endpoint.instance_id, error = %crate::error::chain(&e), "upstream request failed");
+                return Err(ProxyError::upstream_unreachable(&endpoint.instance_id, &e));
+            }
+            Err(_) => {
+                return Err(ProxyError::upstream_timeout(
+                    &endpoint.instance_id,
+                    timeout.as_millis() as u64,
+                ));
+            }
+        }
+    };
+    rev.record_latency(start.elapsed().as_secs_f64() * 1000.0);
+
+    let (mut rparts, rbody) = resp.into_parts();
+    let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(&mut rparts.headers, switching);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        rparts.headers.entry("x-request-id").or_insert(v);
+    }
+
+    if switching {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ProxyError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_upgrade",
+                crate::error::ErrorSource::Instance,
+                format!(
+                    "instance {:?} switched protocols unasked",
+                    endpoint.instance_id
+                ),
+            ));
+        };
+        let mut upstream_resp = Response::from_parts(rparts.clone(), rbody);
+        let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+        let stop = shared.hard_stop.clone();
+        shared.tunnels.spawn(async move {
+            tokio::select! {
+                _ = tunnel(client_upgrade, upstream_upgrade, guard, rev) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        return Ok(Response::from_parts(rparts, empty()));
+    }
+
+    let body = ResponseBody::new(rbody, rev.clone(), guard).boxed_unsync();
+    Ok(Response::from_parts(rparts, body))
+}
+
+fn revision_of<'a>(svc: &'a ServiceRoute, name: &str) -> Result<&'a RevisionRoute, ProxyError> {
+    revision(svc, name).ok_or_else(|| {
+        ProxyError::no_revision(&svc.service, format!("revision {name:?} is not routable"))
+    })
+}
+
+fn build_upstream(
+    parts: &http::request::Parts,
+    endpoint: &Endpoint,
+    h2c: bool,
+    host: &str,
+    body: GatewayBody,
+) -> Result<Request<GatewayBody>, ProxyError> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri: Uri = format!("http://{}{}", endpoint.address, pq)
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| {
+            ProxyError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                crate::error::ErrorSource::Client,
+                format!("request target {pq:?}: {e}"),
+            )
+        })?;
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = parts.headers.clone();
+    if h2c {
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(host) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    Ok(req)
+}
+
+/// Waits for a slot on an instance of the revision: at once when one has room (and nobody is
+/// held before it), else in the hold queue until the route table or a finished request frees
+/// one, or the deadline. Returns the service route the slot was taken under.
+async fn hold(
+    shared: &Shared,
+    rev: &Arc<RevState>,
+    mut svc: Arc<ServiceRoute>,
+    deadline: tokio::time::Instant,
+) -> Result<(InflightGuard, Endpoint, Arc<ServiceRoute>), ProxyError> {
+    // Fast path: room now and nobody held before us.
+    if let Some((g, ep)) = rev.acquire(revision_of(&svc, &rev.revision)?, Admission::Arrival, None)
+    {
+        return Ok((g, ep, svc));
+    }
+    let mut index_rx = shared.index.subscribe();
+    let mut waiting: Option<WaitGuard> = None;
+    let mut remind = tokio::time::interval(DEMAND_EVERY);
+    remind.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    remind.reset();
+    loop {
+        let notified = rev.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let latest = index_rx.borrow_and_update().get(&rev.service).cloned();
+        match latest {
+            Some(s) if revision(&s, &rev.revision).is_some() => svc = s,
+            _ if waiting.is_some() => {
+                return Err(ProxyError::no_revision(
+                    &rev.service,
+                    format!("revision {:?} was removed", rev.revision),
+                ));
+            }
+            _ => {}
+        }
+        let route = revision_of(&svc, &rev.revision)?;
+        let admission = waiting
+            .as_ref()
+            .map_or(Admission::Arrival, WaitGuard::admission);
+        if let Some((g, ep)) = rev.acquire(route, admission, None) {
+            return Ok((g, ep, svc));
+        }
+        if let Some(reason) = &route.start_failure {
+            return Err(ProxyError::start_failure(
+                &rev.service,
+                &rev.revision,
+                reason,
+            ));
+        }
+        if waiting.is_none() {
+            let Some((w, n)) = rev.enqueue(route.queue_limit) else {
+                return Err(ProxyError::queue_full(
+                    &rev.service,
+                    &rev.revision,
+                    route.queue_limit,
+                ));
+            };
+            waiting = Some(w);
+            debug!(service = %rev.service, revision = %rev.revision, waiting = n, "request held");
+            shared.demand(&rev.service, &rev.revision, n);
+            // Room may have appeared between the try above and joining the queue.
+            continue;
+        }
+        let timeout_ms = route.request_timeout_ms;
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = index_rx.changed() => {}
+            _ = remind.tick() => {
+                if let Some(n) = rev.demand_due(DEMAND_EVERY - Duration::from_millis(50)) {
+                    shared.demand(&rev.service, &rev.revision, n);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ProxyError::no_instance_timeout(
+                    &rev.service,
+                    &rev.revision,
+                    timeout_ms,
+                ));
+            }
+        }
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and an upgraded instance
+/// connection; the instance slot stays taken while the tunnel is open.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    guard: InflightGuard,
+    rev: Arc<RevState>,
+) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut c = TokioIo::new(c);
+    let mut u = TokioIo::new(u);
+    match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+        Ok((_, to_client)) => rev.add_egress(to_client),
+        Err(e) => debug!(instance = %guard.instance_id(), error = %e, "tunnel closed"),
+    }
+    drop(guard);
+}

@@ -1,0 +1,268 @@
+//! End-to-end scenarios through `ferry server` (in-process), real containers, the real API,
+//! registry and gateway. Run as root by scripts/test.
+
+use anyhow::Result;
+use ferry_tests::TestCluster;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn cluster_with_app(name: &str, extra: Value) -> Result<(TestCluster, String)> {
+    let c = TestCluster::start().await?;
+    let image = c.push_testapp("testapp", "v1").await?;
+    let mut spec = json!({ "image": image, "cpu": "0.5", "memory": "128Mi" });
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    c.deploy(name, &spec).await?;
+    Ok((c, image))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_start_then_warm_then_scale_to_zero_and_back() -> Result<()> {
+    let (c, _) = cluster_with_app("hello", json!({ "idle_grace_secs": 2 })).await?;
+    assert_eq!(
+        c.live_instances("hello").await?,
+        0,
+        "min 0: nothing runs before the first request"
+    );
+    let r = c.get("hello", "/env").await?;
+    assert_eq!(r.status(), 200);
+    let first: Value = r.json().await?;
+    assert_eq!(
+        c.live_instances("hello").await?,
+        1,
+        "the first request cold-started one instance"
+    );
+    let second: Value = c.get("hello", "/env").await?.json().await?;
+    assert_eq!(
+        first["HOSTNAME"], second["HOSTNAME"],
+        "the next request is served warm by the same instance"
+    );
+    c.wait_for("scale to zero", Duration::from_secs(20), || async {
+        Ok(c.live_instances("hello").await? == 0)
+    })
+    .await?;
+    let third: Value = c.get("hello", "/env").await?.json().await?;
+    assert_ne!(
+        first["HOSTNAME"], third["HOSTNAME"],
+        "after scale to zero a new instance cold-starts"
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn knative_runtime_contract() -> Result<()> {
+    let (c, _) = cluster_with_app("contract", json!({ "env": { "GREETING": "hi" } })).await?;
+    let env: Value = c.get("contract", "/env").await?.json().await?;
+    assert_eq!(env["PORT"], "8080");
+    assert_eq!(env["K_SERVICE"], "contract");
+    assert_eq!(env["K_CONFIGURATION"], "contract");
+    assert_eq!(env["K_REVISION"], "contract-00001");
+    assert_eq!(env["GREETING"], "hi");
+
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let h: Value = c
+        .request(reqwest::Method::GET, "contract", "/headers")
+        .header("traceparent", tp)
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "1")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let headers = &h["headers"];
+    assert_eq!(headers["host"], "contract.localhost");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "contract.localhost");
+    assert!(
+        headers["forwarded"]
+            .as_str()
+            .unwrap()
+            .contains("for=127.0.0.1"),
+        "{headers}"
+    );
+    assert_eq!(headers["traceparent"], tp, "traceparent kept");
+    assert!(
+        headers.get("x-drop-me").is_none(),
+        "hop-by-hop headers named in Connection are stripped"
+    );
+    // A fresh traceparent when none came.
+    let h: Value = c.get("contract", "/headers").await?.json().await?;
+    assert!(
+        h["headers"]["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.len() == 55)
+    );
+
+    let tmp: Value = c.get("contract", "/tmp").await?.json().await?;
+    assert_eq!(tmp["mode"], "1777");
+    assert_eq!(tmp["writable"], true);
+    let dev: Value = c.get("contract", "/dev").await?.json().await?;
+    let names: Vec<&str> = dev
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["name"].as_str()).collect())
+        .unwrap_or_else(|| {
+            dev["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|e| e["name"].as_str())
+                .collect()
+        });
+    for n in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "fd", "stdin", "stdout",
+        "stderr",
+    ] {
+        assert!(names.contains(&n), "/dev/{n} missing: {names:?}");
+    }
+    assert!(!names.contains(&"console"), "/dev/console must not exist");
+    let stdin: Value = c.get("contract", "/stdin").await?.json().await?;
+    assert_eq!(stdin["at_eof"], true);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_requests_at_zero() -> Result<()> {
+    let (c, _) = cluster_with_app("burst", json!({ "target_concurrency": 20 })).await?;
+    let reqs = (0..50).map(|_| {
+        let c = &c;
+        async move {
+            let r = c.get("burst", "/sleep?ms=300").await?;
+            let s = r.status().as_u16();
+            if s != 200 {
+                eprintln!("{s}: {}", r.text().await?);
+            }
+            anyhow::Ok(s)
+        }
+    });
+    let statuses = futures_util::future::join_all(reqs).await;
+    for s in &statuses {
+        assert_eq!(*s.as_ref().unwrap(), 200, "{statuses:?}");
+    }
+    let started = c.instances("burst").await?.len();
+    assert!(
+        (1..=3).contains(&started),
+        "50 requests at target 20 need at most 3 instances; {started} started"
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redeploy_under_steady_load_loses_no_request() -> Result<()> {
+    let (c, image) = cluster_with_app("steady", json!({ "min_instances": 1 })).await?;
+    c.wait_for("first instance", Duration::from_secs(20), || async {
+        Ok(c.service("steady")
+            .await?
+            .revisions
+            .iter()
+            .any(|r| r.ready_instances > 0))
+    })
+    .await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (c, stop) = (&c, stop.clone());
+        workers.push(async move {
+            let (mut ok, mut failed, mut revisions) =
+                (0u32, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get("steady", "/env").await {
+                    Ok(r) if r.status() == 200 => {
+                        ok += 1;
+                        let v: Value = r.json().await.unwrap_or_default();
+                        revisions.insert(v["K_REVISION"].as_str().unwrap_or("").to_string());
+                    }
+                    Ok(r) => failed.push(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed, revisions)
+        });
+    }
+    let driver = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = c.deploy("steady", &json!({ "image": image, "cpu": "0.5", "memory": "128Mi", "min_instances": 1, "env": { "V": "2" } })).await?;
+        assert_eq!(s.latest_revision, "steady-00002");
+        c.wait_for("rollout", Duration::from_secs(20), || async {
+            let s = c.service("steady").await?;
+            Ok(s.traffic
+                .iter()
+                .any(|t| t.revision == "steady-00002" && t.percent == 100))
+        })
+        .await?;
+        // Keep the load on while the old revision drains and stops.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        anyhow::Ok(())
+    };
+    let (results, d) = tokio::join!(futures_util::future::join_all(workers), driver);
+    d?;
+    let total: u32 = results.iter().map(|r| r.0).sum();
+    let failed: Vec<&String> = results.iter().flat_map(|r| r.1.iter()).collect();
+    let seen: std::collections::BTreeSet<&String> =
+        results.iter().flat_map(|r| r.2.iter()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        total,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(total > 50, "load too light to prove anything: {total}");
+    assert!(
+        seen.iter().any(|r| *r == "steady-00001") && seen.iter().any(|r| *r == "steady-00002"),
+        "{seen:?}"
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_errors_are_clear() -> Result<()> {
+    let c = TestCluster::start().await?;
+    let image = c.push_testapp("testapp", "v1").await?;
+    let (s, body) = c
+        .deploy_raw(
+            "app",
+            &json!({ "image": format!("{}/testapp:missing", c.registry) }),
+        )
+        .await?;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["code"], "image_not_found");
+    assert!(
+        body["message"].as_str().unwrap().contains("missing"),
+        "{body}"
+    );
+    assert!(body["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+    let (s, body) = c
+        .deploy_raw("app", &json!({ "image": image, "cpu": "lots" }))
+        .await?;
+    assert_eq!((s, body["code"].as_str()), (400, Some("invalid_spec")));
+    assert!(
+        body["message"].as_str().unwrap().starts_with("cpu:"),
+        "{body}"
+    );
+    let (s, body) = c
+        .deploy_raw("app", &json!({ "image": image, "memroy": "1Gi" }))
+        .await?;
+    assert_eq!(s, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("memroy"),
+        "{body}"
+    );
+    let (s, _) = c.deploy_raw("Bad_Name", &json!({ "image": image })).await?;
+    assert_eq!(s, 400);
+    let r = c
+        .http
+        .get(format!("{}/v1/services/ghost", c.api))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    let r = c.get("ghost", "/").await?;
+    assert_eq!(r.status(), 404);
+    c.stop().await
+}
