@@ -266,3 +266,63 @@ async fn deploy_errors_are_clear() -> Result<()> {
     assert_eq!(r.status(), 404);
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_and_exec_through_the_api() -> Result<()> {
+    let (c, _) = cluster_with_app("logged", json!({})).await?;
+    // No instance yet: exec says so.
+    let r = c
+        .http
+        .post(format!("{}/v1/services/logged/exec", c.api))
+        .json(&json!({ "argv": ["/testapp"] }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 409);
+    assert_eq!(c.get("logged", "/env").await?.status(), 200);
+    let text = c
+        .http
+        .get(format!("{}/v1/services/logged/logs", c.api))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" stdout ") && l.contains("listening")),
+        "{text}"
+    );
+    // Exec runs inside the instance: a second testapp finds the port taken in its netns.
+    let v: Value = c
+        .http
+        .post(format!("{}/v1/services/logged/exec", c.api))
+        .json(&json!({ "argv": ["/testapp"] }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_ne!(v["code"], 0, "{v}");
+    assert!(
+        v["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("in use"),
+        "{v}"
+    );
+    // A followed log stream delivers lines as they come.
+    let mut follow = c
+        .http
+        .get(format!("{}/v1/services/logged/logs?follow=true", c.api))
+        .send()
+        .await?;
+    let first = tokio::time::timeout(Duration::from_secs(5), follow.chunk()).await??;
+    assert!(first.is_some_and(|b| !b.is_empty()));
+    drop(follow);
+    let r = c
+        .http
+        .get(format!("{}/v1/services/ghost/logs", c.api))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    c.stop().await
+}

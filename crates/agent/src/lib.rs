@@ -12,6 +12,7 @@
 //! [`Agent::log_path`] / [`Agent::read_log`] / [`Agent::follow_log`] for logs.
 
 pub mod cgroup;
+pub mod http;
 pub mod image;
 mod instance;
 pub mod net;

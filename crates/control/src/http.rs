@@ -66,6 +66,8 @@ pub(crate) fn router(c: Arc<Control>) -> axum::Router {
         .route("/v1/services/{name}/revisions", get(revisions))
         .route("/v1/services/{name}/traffic", put(set_traffic))
         .route("/v1/services/{name}/scale", put(scale))
+        .route("/v1/services/{name}/logs", get(logs))
+        .route("/v1/services/{name}/exec", axum::routing::post(exec))
         .route("/v1/instances", get(instances))
         .route("/v1/nodes", get(nodes))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
@@ -340,4 +342,133 @@ async fn instances(
 async fn nodes(State(c): State<Arc<Control>>) -> Json<Vec<ferry_api::agent::NodeInfo>> {
     let live = c.live.lock().expect("live state lock");
     Json(live.nodes.values().cloned().collect())
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    instance: Option<String>,
+}
+
+/// Picks the instance of `service` named `wanted`, or the newest one (ready ones first when
+/// `ready_only`), and the node API address that serves it.
+fn pick_instance(
+    c: &Control,
+    service: &str,
+    wanted: Option<&str>,
+    ready_only: bool,
+) -> Result<(String, std::net::SocketAddr)> {
+    let live = c.live.lock().expect("live state lock");
+    let mut candidates: Vec<&crate::state::Instance> = live
+        .instances
+        .values()
+        .filter(|i| i.service == service)
+        .filter(|i| wanted.is_none_or(|w| i.id == w))
+        .filter(|i| !ready_only || (i.live() && i.state == ferry_api::agent::InstanceState::Ready))
+        .collect();
+    candidates.sort_by_key(|i| std::cmp::Reverse(i.started_ms));
+    let Some(inst) = candidates.first() else {
+        return Err(match wanted {
+            Some(w) => err(
+                StatusCode::NOT_FOUND,
+                "instance_not_found",
+                format!("service {service:?} has no instance {w:?}"),
+            ),
+            None if ready_only => err(
+                StatusCode::CONFLICT,
+                "no_running_instance",
+                format!(
+                    "service {service:?} has no running instance: send it a request or set --min 1"
+                ),
+            ),
+            None => err(
+                StatusCode::NOT_FOUND,
+                "instance_not_found",
+                format!("service {service:?} has had no instance yet"),
+            ),
+        });
+    };
+    let addr = live
+        .nodes
+        .get(&inst.node)
+        .and_then(|n| n.api_address)
+        .ok_or_else(|| {
+            err(
+                StatusCode::BAD_GATEWAY,
+                "node_unreachable",
+                format!("node {:?} has no API address", inst.node),
+            )
+        })?;
+    Ok((inst.id.clone(), addr))
+}
+
+fn node_error(e: reqwest::Error) -> ApiError {
+    err(
+        StatusCode::BAD_GATEWAY,
+        "node_unreachable",
+        format!("node API: {e}"),
+    )
+}
+
+/// Passes a node's answer through: status, content type and a streamed body.
+fn relay(resp: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let body = axum::body::Body::from_stream(resp.bytes_stream());
+    (status, [("content-type", ct)], body).into_response()
+}
+
+async fn logs(
+    State(c): State<Arc<Control>>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response> {
+    check_name(&name)?;
+    c.store.service(&name)?.ok_or_else(|| not_found(&name))?;
+    let (id, addr) = pick_instance(&c, &name, q.instance.as_deref(), false)?;
+    let url = format!("http://{addr}/v1/instances/{id}/logs?follow={}", q.follow);
+    let resp = c.http.get(url).send().await.map_err(node_error)?;
+    Ok(relay(resp))
+}
+
+#[derive(Deserialize, serde::Serialize)]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default)]
+    stdin: String,
+    #[serde(default)]
+    instance: Option<String>,
+}
+
+async fn exec(
+    State(c): State<Arc<Control>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    check_name(&name)?;
+    let req: ExecBody = parse_body(&body)?;
+    if req.argv.is_empty() {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_command",
+            "argv must not be empty",
+        ));
+    }
+    c.store.service(&name)?.ok_or_else(|| not_found(&name))?;
+    let (id, addr) = pick_instance(&c, &name, req.instance.as_deref(), true)?;
+    let url = format!("http://{addr}/v1/instances/{id}/exec");
+    let resp = c
+        .http
+        .post(url)
+        .json(&serde_json::json!({ "argv": req.argv, "stdin": req.stdin }))
+        .send()
+        .await
+        .map_err(node_error)?;
+    Ok(relay(resp))
 }

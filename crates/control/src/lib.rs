@@ -61,6 +61,8 @@ pub(crate) struct Control {
     pub wake: Notify,
     pub agents: HashMap<String, mpsc::Sender<AgentCommand>>,
     pub registry: ferry_oci::client::Client,
+    /// Talks to the nodes' own APIs (logs, exec).
+    pub http: reqwest::Client,
     /// Counts finished reconcile passes, so a write can wait until its effect is published.
     pub reconciled: watch::Sender<u64>,
 }
@@ -94,6 +96,7 @@ pub async fn serve(
         agents: links.agents,
         registry: ferry_oci::client::Client::new(None),
         reconciled: watch::channel(0).0,
+        http: reqwest::Client::new(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(agent_events(

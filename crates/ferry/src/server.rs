@@ -107,10 +107,23 @@ impl Platform {
             gateway: settings.bridge_address,
             prefix: settings.subnet_prefix,
         };
+        // The node's own API (logs, exec), which control proxies to; loopback only.
+        let node_api = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "node API").await?;
+        agent.api_address = Some(node_api.local_addr()?);
+        let agent =
+            ferry_agent::Agent::new(agent, std::sync::Arc::new(ferry_agent::RegistryImageSource))?;
+        let token = shutdown.clone();
+        let node_router = ferry_agent::http::router(agent.clone());
+        tasks.spawn(async move {
+            axum::serve(node_api, node_router)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+                .context("node API")
+        });
         let token = shutdown.clone();
         tasks.spawn(async move {
-            let images = std::sync::Arc::new(ferry_agent::RegistryImageSource);
-            ferry_agent::run(agent, agent_rx, agent_ev_tx, images, token)
+            agent
+                .run(agent_rx, agent_ev_tx, token)
                 .await
                 .context("agent")
         });

@@ -56,6 +56,28 @@ pub enum ServiceCommand {
         #[command(flatten)]
         api: Api,
     },
+    /// Print an instance's stdout/stderr (the newest instance unless --instance).
+    Logs {
+        name: String,
+        /// Keep printing as lines arrive.
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        instance: Option<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Run a command inside a running instance: `ferry exec hello -- ls /`. (No TTY yet.)
+    Exec {
+        name: String,
+        #[arg(long)]
+        instance: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+        #[command(flatten)]
+        api: Api,
+    },
     /// Split traffic between revisions: `ferry traffic hello hello-00001=90 hello-00002=10`.
     Traffic {
         name: String,
@@ -268,6 +290,71 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
             }
             print_table(&rows);
             Ok(())
+        }
+        ServiceCommand::Logs {
+            name,
+            follow,
+            instance,
+            api,
+        } => {
+            use futures_util::StreamExt;
+            use std::io::Write;
+            let c = Client::new(&api);
+            let mut url = format!("{}/v1/services/{name}/logs?follow={follow}", c.base);
+            if let Some(i) = instance {
+                url.push_str(&format!("&instance={i}"));
+            }
+            let resp = c
+                .http
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Ferry API at {}", c.base))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let body = resp.bytes().await?;
+                if let Ok(e) = serde_json::from_slice::<ApiError>(&body) {
+                    bail!("{} ({}, request {})", e.message, e.code, e.request_id);
+                }
+                bail!("{url}: {status}");
+            }
+            let mut stream = resp.bytes_stream();
+            let mut out = std::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk?)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+        ServiceCommand::Exec {
+            name,
+            instance,
+            argv,
+            api,
+        } => {
+            let c = Client::new(&api);
+            let mut stdin = String::new();
+            if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin)?;
+            }
+            let body = serde_json::json!({ "argv": argv, "stdin": stdin, "instance": instance });
+            let out: serde_json::Value = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/services/{name}/exec"),
+                    Some(body),
+                )
+                .await?;
+            if api.json {
+                return print_json(&out);
+            }
+            print!("{}", out["stdout"].as_str().unwrap_or(""));
+            eprint!("{}", out["stderr"].as_str().unwrap_or(""));
+            match out["code"].as_i64() {
+                Some(0) => Ok(()),
+                Some(code) => std::process::exit(code as i32),
+                None => bail!("the command was killed by signal {}", out["signal"]),
+            }
         }
         ServiceCommand::Traffic { name, split, api } => {
             let mut targets = Vec::new();
