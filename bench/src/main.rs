@@ -1,1 +1,207 @@
-fn main() {}
+//! ferry-bench: every performance figure side by side with a peer, from the same run.
+//!
+//! `cargo run -p ferry-bench --release -- all` (or one suite: `registry`, `cold-start`,
+//! `scheduler`). Builds what it needs, starts Ferry and the peers on ephemeral loopback ports,
+//! prints a markdown table of medians, p99s and ratios, and writes it as JSON under
+//! bench/results/. Peers come from Debian packages (docker-registry, runc, skopeo), installed
+//! when missing.
+
+mod suites;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "ferry-bench", about = "Ferry benchmarks against peers")]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+    /// Repetitions where a suite repeats (registry push/pull runs).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Cold starts to measure.
+    #[arg(long, default_value_t = 50)]
+    cold_starts: usize,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Suite {
+    /// Everything below.
+    All,
+    /// Push and pull of a ~200 MB 5-layer image with skopeo: Ferry vs docker-registry 2.8.
+    Registry,
+    /// Request → first byte for a scaled-to-zero service (image cached), vs `runc run` of the
+    /// same rootfs to its first HTTP response.
+    ColdStart,
+    /// Placement decision time at 100, 1,000 and 10,000 nodes.
+    Scheduler,
+}
+
+/// One measured row: what, Ferry's figure, the peer's, and their ratio.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub metric: String,
+    pub unit: String,
+    pub ferry: f64,
+    pub peer_name: Option<String>,
+    pub peer: Option<f64>,
+    pub goal: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    suite: String,
+    date: String,
+    command: String,
+    how: String,
+    rows: Vec<Row>,
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v
+}
+
+/// The workspace root (bench/..).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs Debian packages that are missing.
+pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {missing:?}");
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+/// Builds the release `ferry` binary and the static testapp; returns their paths.
+pub fn build() -> Result<(PathBuf, PathBuf)> {
+    let root = root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "ferry",
+    ]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", root.join("target-testapp-static"))
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "testapp",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ]))?;
+    Ok((
+        root.join("target/release/ferry"),
+        root.join("target-testapp-static/x86_64-unknown-linux-gnu/release/testapp"),
+    ))
+}
+
+fn print_and_save(suite: &str, how: &str, rows: Vec<Row>) -> Result<()> {
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    println!("\n## {suite} ({date})\n\n{how}\n");
+    println!("| metric | Ferry | peer | peer value | Ferry / peer | goal |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let peer = r
+            .peer
+            .map(|p| format!("{p:.3} {}", r.unit))
+            .unwrap_or_else(|| "-".into());
+        let ratio = r
+            .peer
+            .filter(|p| *p > 0.0)
+            .map(|p| format!("{:.2}", r.ferry / p))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {:.3} {} | {} | {} | {} | {} |",
+            r.metric,
+            r.ferry,
+            r.unit,
+            r.peer_name.as_deref().unwrap_or("-"),
+            peer,
+            ratio,
+            r.goal.as_deref().unwrap_or("-")
+        );
+    }
+    let report = Report {
+        suite: suite.into(),
+        date: date.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        how: how.into(),
+        rows,
+    };
+    let dir = root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{suite}-{}.json", &date[..10]));
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("wrote {}", file.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let want = |s: Suite| cli.suite == Suite::All || cli.suite == s;
+    if want(Suite::Scheduler) {
+        let (how, rows) = suites::scheduler()?;
+        print_and_save("scheduler", &how, rows)?;
+    }
+    if want(Suite::Registry) || want(Suite::ColdStart) {
+        let (ferry, testapp) = build()?;
+        if want(Suite::Registry) {
+            let (how, rows) = suites::registry(&ferry, cli.runs)?;
+            print_and_save("registry", &how, rows)?;
+        }
+        if want(Suite::ColdStart) {
+            let (how, rows) = suites::cold_start(&ferry, &testapp, cli.cold_starts)?;
+            print_and_save("cold-start", &how, rows)?;
+        }
+    }
+    Ok(())
+}

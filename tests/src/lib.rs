@@ -31,7 +31,9 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start() -> Result<TestCluster> {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        // Bridge and subnet unique per cluster, and per process: test binaries of different
+        // checkouts may run side by side on one machine.
+        let n = (std::process::id() % 40) * 6 + NEXT.fetch_add(1, Ordering::SeqCst) % 6 + 1;
         let dir = tempfile::tempdir()?;
         let zero: SocketAddr = "127.0.0.1:0".parse()?;
         let args = DaemonArgs {

@@ -1,0 +1,493 @@
+//! The suites. Each returns (how it measured, rows).
+
+use crate::{Row, ensure_packages, percentile, run, sorted};
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so `ferry server` stops its instances; then make sure.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Sends `GET path` with `host` and returns (status, time to the first response byte).
+fn first_byte(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Duration)> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first)?;
+    let elapsed = start.elapsed();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let head = String::from_utf8_lossy(&rest);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, elapsed))
+}
+
+fn wait_http(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok((s, _)) = first_byte(addr, host, path)
+            && (200..500).contains(&s)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not answer {path}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn addresses(data: &Path, timeout: Duration) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(b) = std::fs::read(data.join("addresses.json")) {
+            return Ok(serde_json::from_slice(&b)?);
+        }
+        if Instant::now() > deadline {
+            bail!("no addresses.json in {}", data.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub fn scheduler() -> Result<(String, Vec<Row>)> {
+    use ferry_api::{Cpu, Memory};
+    use ferry_control::scheduler::{NodeCapacity, Request, place};
+    let mut rows = Vec::new();
+    for n in [100usize, 1_000, 10_000] {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let nodes: Vec<NodeCapacity> = (0..n)
+            .map(|i| {
+                let cpu = 2_000 + (rnd() % 62_000) as u32;
+                let mem = (4u64 << 30) + rnd() % (252u64 << 30);
+                NodeCapacity {
+                    name: format!("node-{i}"),
+                    cpu_allocatable: Cpu(cpu),
+                    memory_allocatable: Memory(mem),
+                    cpu_used: Cpu((rnd() % u64::from(cpu)) as u32),
+                    memory_used: Memory(rnd() % mem),
+                    cached_images: if i % 7 == 0 {
+                        vec!["sha256:a".into()]
+                    } else {
+                        vec![]
+                    },
+                    schedulable: i % 50 != 0,
+                }
+            })
+            .collect();
+        let req = Request {
+            cpu: Cpu(500),
+            memory: Memory(256 << 20),
+            image_digest: "sha256:a",
+        };
+        let mut times = Vec::new();
+        for _ in 0..(2_000_000 / n).clamp(200, 20_000) {
+            let t = Instant::now();
+            let chosen = place(&nodes, &req);
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            std::hint::black_box(chosen.ok());
+        }
+        let s = sorted(times);
+        rows.push(Row {
+            metric: format!("placement p50, {n} nodes"),
+            unit: "µs".into(),
+            ferry: percentile(&s, 0.5),
+            peer_name: None,
+            peer: None,
+            goal: None,
+        });
+        rows.push(Row {
+            metric: format!("placement p99, {n} nodes"),
+            unit: "µs".into(),
+            ferry: percentile(&s, 0.99),
+            peer_name: None,
+            peer: None,
+            goal: (n == 10_000).then(|| "≤ 1000 µs".into()),
+        });
+    }
+    Ok(("`ferry_control::scheduler::place` over a synthetic node table (random capacity and use, 1 in 7 nodes with the image cached, 1 in 50 unschedulable), timed per call in-process; no peer.".into(), rows))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn write_random(path: &Path, mib: usize, mut seed: u64) -> Result<()> {
+    let mut data = vec![0u8; mib << 20];
+    for chunk in data.chunks_mut(8) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(path, data)?;
+    Ok(())
+}
+
+fn skopeo(args: &[&str]) -> Result<Duration> {
+    // The blob-info cache lets skopeo skip blobs it saw elsewhere; every run starts cold.
+    let _ = std::fs::remove_file("/var/lib/containers/cache/blob-info-cache-v1.boltdb");
+    let t = Instant::now();
+    run(Command::new("skopeo").arg("--insecure-policy").args(args))?;
+    Ok(t.elapsed())
+}
+
+pub fn registry(ferry: &Path, runs: usize) -> Result<(String, Vec<Row>)> {
+    ensure_packages(&["skopeo", "docker-registry"])?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let mut build = Command::new(ferry);
+    build
+        .args([
+            "image",
+            "build",
+            "--tag",
+            "v1",
+            "--entrypoint",
+            "/bin/app",
+            "-o",
+        ])
+        .arg(w.join("image.tar"));
+    for i in 0..5 {
+        let d = w.join(format!("layer{i}"));
+        std::fs::create_dir_all(&d)?;
+        write_random(&d.join("data.bin"), 40, 0x9E37_79B9_7F4A_7C15 + i)?;
+        build.arg("--dir").arg(&d);
+    }
+    run(&mut build)?;
+    let size = std::fs::metadata(w.join("image.tar"))?.len() as f64 / (1 << 20) as f64;
+
+    // Ferry.
+    let data = w.join("ferry");
+    let ferry_proc = Proc(
+        Command::new(ferry)
+            .args(["registry", "--registry-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let ferry_addr: SocketAddr = addresses(&data, Duration::from_secs(10))?["registry"]
+        .as_str()
+        .context("registry address")?
+        .parse()?;
+    // docker-registry 2.8 with a config of its own.
+    let port = free_port()?;
+    let cfg = w.join("docker-registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            w.join("dr").display()
+        ),
+    )?;
+    let peer_proc = Proc(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let peer_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_http(ferry_addr, "localhost", "/v2/", Duration::from_secs(10))?;
+    wait_http(peer_addr, "localhost", "/v2/", Duration::from_secs(10))?;
+
+    let src = format!("oci-archive:{}:v1", w.join("image.tar").display());
+    let mut times: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]), (vec![], vec![])];
+    for i in 0..runs {
+        // Alternate who goes first, so neither always gets the warmer page cache.
+        let order: Vec<usize> = if i % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        for k in order {
+            let addr = if k == 0 { ferry_addr } else { peer_addr };
+            let dest = format!("docker://{addr}/bench/run{i}:v1");
+            let push = skopeo(&["copy", "--dest-tls-verify=false", &src, &dest])?;
+            let out = w.join(format!("pull-{k}-{i}"));
+            let pull = skopeo(&[
+                "copy",
+                "--src-tls-verify=false",
+                &dest,
+                &format!("oci:{}:v1", out.display()),
+            ])?;
+            std::fs::remove_dir_all(&out)?;
+            times[k].0.push(ms(push));
+            times[k].1.push(ms(pull));
+        }
+    }
+    let (fr, pr) = (
+        peak_rss_mib(ferry_proc.0.id()),
+        peak_rss_mib(peer_proc.0.id()),
+    );
+    let med = |v: &Vec<f64>| percentile(&sorted(v.clone()), 0.5);
+    let peer = Some("docker-registry 2.8".to_string());
+    let rows = vec![
+        Row {
+            metric: format!("push {size:.0} MiB, 5 layers (median of {runs})"),
+            unit: "ms".into(),
+            ferry: med(&times[0].0),
+            peer_name: peer.clone(),
+            peer: Some(med(&times[1].0)),
+            goal: Some("≤ 0.8× peer".into()),
+        },
+        Row {
+            metric: format!("pull {size:.0} MiB, 5 layers (median of {runs})"),
+            unit: "ms".into(),
+            ferry: med(&times[0].1),
+            peer_name: peer.clone(),
+            peer: Some(med(&times[1].1)),
+            goal: Some("≤ 0.8× peer".into()),
+        },
+        Row {
+            metric: "registry peak RSS".into(),
+            unit: "MiB".into(),
+            ferry: fr,
+            peer_name: peer,
+            peer: Some(pr),
+            goal: Some("≤ peer".into()),
+        },
+    ];
+    drop(ferry_proc);
+    drop(peer_proc);
+    Ok((
+        format!(
+            "skopeo 1.9 copies an oci-archive of 5 layers × 40 MiB of incompressible data ({size:.0} MiB) into each registry (a fresh repository per run) and back into an OCI directory, {runs} runs each, alternating which registry goes first; skopeo's blob-info cache is removed before every copy. Wall time of each skopeo command; peak RSS is VmHWM of the registry process after all runs. Ferry: `ferry registry` (release build); peer: Debian's docker-registry 2.8 with filesystem storage."
+        ),
+        rows,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn ferry_cli(ferry: &Path, api: &str, args: &[&str]) -> Result<String> {
+    run(Command::new(ferry)
+        .args(args)
+        .env("FERRY_API", format!("http://{api}")))
+}
+
+pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec<Row>)> {
+    ensure_packages(&["runc"])?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let data = w.join("data");
+    let server = Proc(
+        Command::new(ferry)
+            .args([
+                "server",
+                "--api-addr",
+                "127.0.0.1:0",
+                "--gateway-addr",
+                "127.0.0.1:0",
+                "--registry-addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--bridge",
+                "fbench0",
+                "--subnet",
+                "10.93.0.1/24",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let a = addresses(&data, Duration::from_secs(20))?;
+    let api = a["api"].as_str().context("api")?.to_string();
+    let gateway: SocketAddr = a["gateway"].as_str().context("gateway")?.parse()?;
+    let registry = a["registry"].as_str().context("registry")?.to_string();
+    let archive = w.join("app.tar");
+    run(Command::new(ferry)
+        .args(["image", "build", "--binary"])
+        .arg(testapp)
+        .args([
+            "--binary-path",
+            "/testapp",
+            "--port",
+            "8080",
+            "--tag",
+            "v1",
+            "-o",
+        ])
+        .arg(&archive))?;
+    run(Command::new(ferry)
+        .args(["image", "push"])
+        .arg(format!("{}:v1", archive.display()))
+        .arg(format!("{registry}/testapp:v1")))?;
+    let image = format!("{registry}/testapp:v1");
+    // Warm-up: the first start pulls and unpacks the image; every measured start finds it cached.
+    ferry_cli(
+        ferry,
+        &api,
+        &[
+            "deploy",
+            "cs-warm",
+            "--image",
+            &image,
+            "--cpu",
+            "0.1",
+            "--memory",
+            "64Mi",
+            "--idle-grace",
+            "3600",
+        ],
+    )?;
+    let (status, _) = first_byte(gateway, "cs-warm.localhost", "/")?;
+    anyhow::ensure!(status == 200, "warm-up request answered {status}");
+    let mut ferry_ms = Vec::new();
+    for i in 0..n {
+        let name = format!("cs-{i}");
+        ferry_cli(
+            ferry,
+            &api,
+            &[
+                "deploy",
+                &name,
+                "--image",
+                &image,
+                "--cpu",
+                "0.1",
+                "--memory",
+                "64Mi",
+                "--idle-grace",
+                "3600",
+            ],
+        )?;
+        let (status, t) = first_byte(gateway, &format!("{name}.localhost"), "/")?;
+        anyhow::ensure!(status == 200, "{name}: cold request answered {status}");
+        ferry_ms.push(ms(t));
+    }
+    drop(server);
+
+    // Peer: runc run of the same rootfs (the testapp at /testapp), host network, to its first
+    // HTTP response.
+    let bundle = w.join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs/tmp"))?;
+    std::fs::copy(testapp, bundle.join("rootfs/testapp"))?;
+    run(Command::new("runc").current_dir(&bundle).args(["spec"]))?;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+    let port = free_port()?;
+    spec["process"]["args"] = serde_json::json!(["/testapp"]);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["env"]
+        .as_array_mut()
+        .context("env")?
+        .push(serde_json::json!(format!("PORT={port}")));
+    spec["root"]["readonly"] = serde_json::json!(false);
+    if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+        ns.retain(|n| n["type"] != "network");
+    }
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut runc_ms = Vec::new();
+    for i in 0..n {
+        let id = format!("ferry-bench-{}-{i}", std::process::id());
+        let t = Instant::now();
+        let mut child = Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let answered = loop {
+            if let Ok((s, _)) = first_byte(target, "localhost", "/") {
+                break s;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                break 0;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        };
+        let elapsed = t.elapsed();
+        let _ = Command::new("runc").args(["kill", &id, "KILL"]).status();
+        let _ = child.wait();
+        let _ = Command::new("runc").args(["delete", "-f", &id]).status();
+        anyhow::ensure!(answered == 200, "runc run never answered");
+        runc_ms.push(ms(elapsed));
+    }
+    let (f, r) = (sorted(ferry_ms), sorted(runc_ms));
+    let peer = Some("runc run".to_string());
+    let rows = vec![
+        Row {
+            metric: format!("cold start p50 ({n} starts)"),
+            unit: "ms".into(),
+            ferry: percentile(&f, 0.5),
+            peer_name: peer.clone(),
+            peer: Some(percentile(&r, 0.5)),
+            goal: Some("≤ 15 ms".into()),
+        },
+        Row {
+            metric: format!("cold start p99 ({n} starts)"),
+            unit: "ms".into(),
+            ferry: percentile(&f, 0.99),
+            peer_name: peer,
+            peer: Some(percentile(&r, 0.99)),
+            goal: Some("≤ 40 ms".into()),
+        },
+    ];
+    Ok((
+        format!(
+            "Ferry: `ferry server` (release build) on loopback; {n} services deployed one by one (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness). Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. podman is not measured yet."
+        ),
+        rows,
+    ))
+}
