@@ -132,12 +132,17 @@ fn read_key(p: &Path, key: &str) -> Option<u64> {
     })
 }
 
+/// The group of instance `name`, relative to each hierarchy's root.
+pub fn instance_rel(name: &str) -> PathBuf {
+    Path::new("ferry").join(name)
+}
+
 impl Cgroup {
     /// Creates `ferry/<name>` in every controller and applies `limits`.
     pub fn create(h: &Hierarchy, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
         let cg = Cgroup {
             hierarchy: h.clone(),
-            rel: Path::new("ferry").join(name),
+            rel: instance_rel(name),
         };
         match h {
             Hierarchy::V1(ctrls) => {
@@ -171,6 +176,42 @@ impl Cgroup {
             fs::write(&p, &value).map_err(err(&p))?;
         }
         Ok(cg)
+    }
+
+    /// An existing group (e.g. one left by an earlier run), by its path relative to the
+    /// hierarchy roots. Nothing is created.
+    pub fn open(h: &Hierarchy, rel: impl Into<PathBuf>) -> Cgroup {
+        Cgroup {
+            hierarchy: h.clone(),
+            rel: rel.into(),
+        }
+    }
+
+    /// The group's path relative to each hierarchy root (`ferry/<instance>`).
+    pub fn rel(&self) -> &Path {
+        &self.rel
+    }
+
+    /// Whether any of the group's dirs exists.
+    pub fn exists(&self) -> bool {
+        self.dirs().iter().any(|d| d.is_dir())
+    }
+
+    /// The pids in the group (all hierarchies, deduplicated).
+    pub fn pids(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self
+            .dirs()
+            .iter()
+            .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     fn dir(&self, ctrl: &str) -> Option<PathBuf> {
@@ -248,13 +289,20 @@ impl Cgroup {
 
     /// Removes the group's dirs, retrying briefly while the kernel lets go of exiting tasks.
     pub fn remove(&self) -> Result<(), CgroupError> {
+        self.remove_within(std::time::Duration::from_secs(1))
+    }
+
+    /// [`Cgroup::remove`] with a bound on the retries (10 ms apart, SIGKILLing what is left
+    /// every 100 ms).
+    pub fn remove_within(&self, limit: std::time::Duration) -> Result<(), CgroupError> {
+        let max_tries = (limit.as_millis() / 10).max(1);
         for d in self.dirs() {
             let mut tries = 0;
             loop {
                 match fs::remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if tries < 100 => {
+                    Err(e) if tries < max_tries => {
                         let _ = e;
                         tries += 1;
                         if tries % 10 == 0 {

@@ -235,9 +235,19 @@ fn start_blocking(
     let dir = crate::instance_dir(&shared.config.data_dir, id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("instance dir {dir:?}: {e}"))?;
     res.lock().unwrap().dir = Some(dir.clone());
+    // The record goes first and is updated before each further resource: a later run of the
+    // agent finds everything this instance holds from it (crate::state::recover).
+    let mut record = crate::state::InstanceRecord::new(id, spec.outbound_network);
+    let save = |r: &crate::state::InstanceRecord| {
+        r.write(&dir)
+            .map_err(|e| format!("instance record in {dir:?}: {e}"))
+    };
+    save(&record)?;
     let root = rootfs::mount_overlay(&dir, &image.layers).map_err(|e| e.to_string())?;
     let ip = shared.ipam.allocate(id).map_err(|e| e.to_string())?;
     res.lock().unwrap().ip = Some(ip);
+    record.ip = Some(ip);
+    save(&record)?;
     let host = hostname(spec);
     let w = |rel: &str, c: &str| rootfs::write_file_in_root(&root, rel, c.as_bytes());
     w(
@@ -267,13 +277,22 @@ fn start_blocking(
     let spawned = sandbox::spawn(&plan).map_err(|e| e.to_string())?;
     let pid = spawned.pid;
     let (exit_tx, exit_rx) = oneshot::channel();
-    std::thread::Builder::new()
+    if let Err(e) = std::thread::Builder::new()
         .name(format!("wait-{pid}"))
         .spawn(move || {
             let r = sandbox::wait(pid).unwrap_or((None, None));
             let _ = exit_tx.send(r);
         })
-        .map_err(|e| format!("waiter thread: {e}"))?;
+    {
+        // Nobody would reap the child: do it here.
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+        let _ = sandbox::wait(pid);
+        return Err(format!("waiter thread: {e}"));
+    }
+    record.pid = Some(pid);
+    if let Err(e) = save(&record) {
+        tracing::warn!(error = %e, "instance record not updated with the pid");
+    }
     let started = Started { pid, exit: exit_rx };
     let fail = |msg: String| {
         let _ = crate::sys::kill(pid, libc::SIGKILL);

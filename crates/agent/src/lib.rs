@@ -19,6 +19,7 @@ pub mod net;
 pub mod rootfs;
 pub mod sandbox;
 pub mod seccomp;
+pub mod state;
 mod sys;
 pub mod unpack;
 
@@ -59,8 +60,9 @@ pub enum AgentError {
 /// The agent's configuration (validated by [`Agent::new`]).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Everything the agent keeps: `oci/` (layout), `cache/layers/`, `instances/`, `logs/`,
-    /// `ipam/`.
+    /// Everything the agent keeps: `oci/` (layout), `cache/layers/`, `instances/` (one dir
+    /// per instance, with its `state.json`), `logs/`, `ipam/`, and `agent.lock` (one running
+    /// agent per data dir).
     pub data_dir: PathBuf,
     pub node_name: String,
     pub cpu_allocatable: Cpu,
@@ -222,6 +224,9 @@ impl Agent {
     }
 
     /// Runs the agent until `shutdown`: executes commands, reports status changes and usage.
+    /// First, before the [`AgentEvent::Node`] event and any command, it removes everything an
+    /// earlier run on the same data dir left (see [`state::recover`]): after a crash the old
+    /// instances' processes are SIGKILLed and their cgroups, veths, mounts, leases and dirs go.
     /// On shutdown every instance is stopped (SIGTERM, its grace capped at 5 s, SIGKILL) and
     /// cleaned up before this returns.
     pub async fn run(
@@ -231,6 +236,9 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let cfg = self.config.clone();
+        // One agent per data dir: the clean-up below would otherwise kill a running agent's
+        // instances. The kernel drops the lock when the holder dies, even by SIGKILL.
+        let _lock = lock_data_dir(&cfg.data_dir)?;
         let netcfg = cfg.net.clone();
         tokio::task::spawn_blocking(move || net::setup_host(&netcfg))
             .await
@@ -243,9 +251,34 @@ impl Agent {
             Arc::new(unpack::LayerCache::new(cfg.data_dir.join("cache"))),
         );
         store.init()?;
+        // Before taking commands: remove whatever an earlier run on this data dir left.
+        let hierarchy = cgroup::Hierarchy::detect(&cfg.cgroup_root);
+        {
+            let (data, h, n) = (cfg.data_dir.clone(), hierarchy.clone(), cfg.net.clone());
+            let r = tokio::task::spawn_blocking(move || state::recover(&data, &h, &n))
+                .await
+                .map_err(|e| AgentError::Config {
+                    key: "data_dir",
+                    message: format!("clean-up of an earlier run: {e}"),
+                })?;
+            if !r.is_empty() {
+                tracing::warn!(
+                    instances = ?r.instances,
+                    killed = r.killed,
+                    cgroups = r.cgroups,
+                    veths = r.veths,
+                    mounts = r.mounts,
+                    leases = r.leases,
+                    "removed what an earlier run of this agent left"
+                );
+            }
+            for e in &r.errors {
+                tracing::error!(error = %e, "clean-up of an earlier run incomplete");
+            }
+        }
         let shared = Arc::new(Shared {
             ipam: net::Ipam::new(cfg.data_dir.join("ipam"), cfg.net.clone()),
-            hierarchy: cgroup::Hierarchy::detect(&cfg.cgroup_root),
+            hierarchy,
             store,
             images: self.images.clone(),
             events,
@@ -283,6 +316,29 @@ impl Agent {
         tasks.wait().await;
         *self.shared.lock().unwrap() = None;
         Ok(())
+    }
+}
+
+/// Takes `<data_dir>/agent.lock` (flock, exclusive, close-on-exec; sandbox children close it
+/// before anything else), held until the returned file is dropped.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, AgentError> {
+    let path = data_dir.join("agent.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| AgentError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Config {
+            key: "data_dir",
+            message: format!("{data_dir:?} is in use by another running agent"),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(AgentError::DataDir { path, source }),
     }
 }
 

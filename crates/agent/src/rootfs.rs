@@ -110,7 +110,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == want))
 }
 
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     s.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\012", "\n")

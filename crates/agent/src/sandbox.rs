@@ -470,7 +470,10 @@ fn process_plan(
     let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(40)
+        // Bounded so that `1u64 << cap` in the child can never overflow (a panic there would
+        // take locks).
+        .min(63);
     let caps = KEPT_CAPS.iter().fold(0u64, |acc, c| acc | (1u64 << c));
     let mut host = spec.hostname.clone();
     host.truncate(63);
@@ -601,6 +604,13 @@ pub fn spawn(plan: &Plan) -> Result<Spawned, SandboxError> {
     let (go_r, go_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let mut keep = [
+        report_w.as_raw_fd(),
+        go_r.as_raw_fd(),
+        out_w.as_raw_fd(),
+        err_w.as_raw_fd(),
+    ];
+    keep.sort_unstable();
     // SAFETY: the child runs `child_main`, which only makes raw syscalls on `plan`'s prepared
     // data and ends in exec or _exit.
     let pid = unsafe { sys::clone_fork(NS_FLAGS) }.map_err(|e| SandboxError::Os {
@@ -608,14 +618,10 @@ pub fn spawn(plan: &Plan) -> Result<Spawned, SandboxError> {
         source: std::io::Error::from_raw_os_error(e),
     })?;
     if pid == 0 {
-        // Drop the parent's ends: if the agent dies before `release`, the child sees EOF.
-        for fd in [
-            go_w.as_raw_fd(),
-            report_r.as_raw_fd(),
-            out_r.as_raw_fd(),
-            err_r.as_raw_fd(),
-        ] {
-            sys::close(fd);
+        // Keep only our ends: the parent's ends (so that the agent dying before `release`
+        // shows up as EOF) and every other fd (other sandboxes' pipes) go.
+        if let Err(e) = sys::close_all_except(&keep) {
+            fail(report_w.as_raw_fd(), STEP_FDS, e);
         }
         child_main(
             plan,
@@ -794,22 +800,23 @@ pub fn exec_in(
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let mut keep: Vec<RawFd> = [&report_w, &go_r, &in_r, &out_w, &err_w]
+        .iter()
+        .map(|f| f.as_raw_fd())
+        .chain(ns.iter().map(|(f, _)| f.as_raw_fd()))
+        .collect();
+    keep.sort_unstable();
     // SAFETY: the child only makes raw syscalls on prepared data and ends in _exit or exec.
     let child = unsafe { sys::clone_fork(0) }.map_err(|e| SandboxError::Os {
         what: "fork",
         source: std::io::Error::from_raw_os_error(e),
     })?;
     if child == 0 {
-        for fd in [
-            go_w.as_raw_fd(),
-            report_r.as_raw_fd(),
-            in_w.as_raw_fd(),
-            out_r.as_raw_fd(),
-            err_r.as_raw_fd(),
-        ] {
-            sys::close(fd);
-        }
         let report = report_w.as_raw_fd();
+        // Only our ends stay (see `spawn`).
+        if let Err(e) = sys::close_all_except(&keep) {
+            fail(report, STEP_FDS, e);
+        }
         for (fd, flag) in &ns {
             if let Err(e) = sys::setns(fd.as_raw_fd(), *flag) {
                 fail(report, STEP_GO, e);
@@ -817,7 +824,9 @@ pub fn exec_in(
         }
         match sys::read_byte(go_r.as_raw_fd()) {
             Ok(true) => {}
-            _ => sys::exit_now(125),
+            // The agent went away.
+            Ok(false) => sys::exit_now(125),
+            Err(e) => fail(report, STEP_GO, e),
         }
         // A second fork: only children enter the joined pid namespace.
         // SAFETY: as above.
@@ -838,8 +847,17 @@ pub fn exec_in(
                     libc::close(in_r.as_raw_fd());
                 }
                 let mut status = 0;
-                // SAFETY: waitpid into a local.
-                while unsafe { libc::waitpid(grandchild, &mut status, 0) } < 0 {}
+                loop {
+                    // SAFETY: waitpid into a local.
+                    if unsafe { libc::waitpid(grandchild, &mut status, 0) } >= 0 {
+                        break;
+                    }
+                    // Only EINTR is worth a retry; anything else (ECHILD) would spin forever.
+                    // SAFETY: reading this thread's errno.
+                    if unsafe { *libc::__errno_location() } != libc::EINTR {
+                        sys::exit_now(127);
+                    }
+                }
                 if libc::WIFSIGNALED(status) {
                     sys::exit_now(128 + libc::WTERMSIG(status));
                 }

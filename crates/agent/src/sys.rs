@@ -326,29 +326,77 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> SysResult {
     check(unsafe { libc::kill(pid, sig) })
 }
 
-/// Restores default signal handling for exec: SIGPIPE (ignored by Rust's runtime) to default and
-/// an empty signal mask.
-pub fn reset_signals() -> SysResult {
-    // SAFETY: `set` is a stack sigset initialised by sigemptyset before use; signal() with
-    // SIG_DFL installs no handler code.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        check(libc::sigprocmask(
-            libc::SIG_SETMASK,
-            &set,
-            std::ptr::null_mut(),
-        ))
-    }
+/// The kernel's `struct sigaction` for rt_sigaction on x86_64 and aarch64 (not glibc's).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
 }
 
-/// Closes `fd`, ignoring errors (used in a cloned child to drop the parent's pipe ends, so
-/// that the parent's exit shows up as EOF).
-pub fn close(fd: RawFd) {
-    // SAFETY: closing a descriptor number has no memory-safety preconditions; the child owns
-    // its copy of the descriptor table.
-    unsafe {
-        libc::close(fd);
+/// Restores default signal handling for exec: every signal's disposition to SIG_DFL (exec
+/// resets handled signals but keeps ignored ones, like the SIGPIPE Rust's runtime ignores)
+/// and an empty signal mask. Raw syscalls only: glibc's wrappers are no-lock today, but the
+/// child must not depend on that.
+pub fn reset_signals() -> SysResult {
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `dfl` is a valid kernel sigaction of the size passed; SIG_DFL installs no
+        // handler code. Signals the kernel refuses (EINVAL) are skipped.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig as libc::c_long,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
     }
+    let empty: u64 = 0;
+    // SAFETY: a valid 8-byte kernel sigset, no old set requested.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as libc::c_long,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// Closes every fd >= 3 except those in `keep` (sorted ascending, each >= 3), so that the
+/// child of a clone holds no other sandbox's pipe ends: a sibling sandbox cloned meanwhile
+/// must never keep this one's release pipe open (the child would then not see EOF when the
+/// agent dies) nor its report pipe (the agent would wait for the sibling's exec).
+pub fn close_all_except(keep: &[RawFd]) -> SysResult {
+    let mut lo: u32 = 3;
+    for &k in keep {
+        let k = k as u32;
+        if k < lo {
+            continue;
+        }
+        if k > lo {
+            close_range(lo, k - 1)?;
+        }
+        lo = k + 1;
+    }
+    close_range(lo, u32::MAX)
+}
+
+fn close_range(lo: u32, hi: u32) -> SysResult {
+    // SAFETY: close_range only closes descriptors; the caller owns its descriptor table.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) };
+    if r < 0 { Err(errno()) } else { Ok(()) }
 }
