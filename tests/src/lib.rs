@@ -26,6 +26,7 @@ pub struct TestCluster {
     pub registry: SocketAddr,
     pub http: reqwest::Client,
     platform: Option<Platform>,
+    args: DaemonArgs,
     _dir: tempfile::TempDir,
 }
 
@@ -46,7 +47,22 @@ impl TestCluster {
             subnet: Some(format!("10.90.{n}.1/24")),
             ..Default::default()
         };
-        let platform = Platform::start(args.resolve()?).await?;
+        TestCluster::start_with(dir, args).await
+    }
+
+    /// Stops the whole server and starts it again on the same data dir (new ports), as after
+    /// a restart of `ferry server`.
+    pub async fn restart(mut self) -> Result<TestCluster> {
+        if let Some(p) = self.platform.take() {
+            p.stop().await?;
+        }
+        let args = self.args.clone();
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir()?);
+        TestCluster::start_with(dir, args).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, args: DaemonArgs) -> Result<TestCluster> {
+        let platform = Platform::start(args.clone().resolve()?).await?;
         let a = platform.addresses.clone();
         let cluster = TestCluster {
             api: format!("http://{}", a.api.context("api address")?),
@@ -56,6 +72,7 @@ impl TestCluster {
                 .pool_max_idle_per_host(64)
                 .build()?,
             platform: Some(platform),
+            args,
             _dir: dir,
         };
         // The agent reports its node once it runs.
@@ -207,4 +224,12 @@ impl TestCluster {
         }
         Ok(())
     }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -70,6 +70,9 @@ pub(crate) fn router(c: Arc<Control>) -> axum::Router {
         .route("/v1/services/{name}/exec", axum::routing::post(exec))
         .route("/v1/instances", get(instances))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/usage", get(usage))
+        .route("/v1/usage/events", get(usage_events))
+        .route("/v1/invoices/{month}", get(invoice))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(c)
 }
@@ -471,4 +474,252 @@ async fn exec(
         .await
         .map_err(node_error)?;
     Ok(relay(resp))
+}
+
+fn usage_query(
+    q: std::result::Result<
+        Query<ferry_metering::UsageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<(ferry_metering::UsageQuery, u64, u64)> {
+    let Query(q) = q.map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            e.body_text()
+                .replace("Failed to deserialize query string: ", "query: "),
+        )
+    })?;
+    if let Some(s) = &q.service {
+        check_name(s)?;
+    }
+    let (from, to) = q.range(now_ms()).map_err(rating_error)?;
+    Ok((q, from, to))
+}
+
+fn rating_error(e: ferry_metering::RatingError) -> ApiError {
+    use ferry_metering::RatingError as R;
+    match e {
+        R::Query(_) | R::EmptyRange { .. } => {
+            err(StatusCode::BAD_REQUEST, "invalid_query", e.to_string())
+        }
+        other => {
+            tracing::error!(error = %other, "rating usage");
+            err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rating_failed",
+                other.to_string(),
+            )
+        }
+    }
+}
+
+/// `GET /v1/usage?service=S&month=YYYY-MM` or `?from_ms=A&to_ms=B`: metered quantities and
+/// cost per service (docs/billing.md).
+async fn usage(
+    State(c): State<Arc<Control>>,
+    q: std::result::Result<
+        Query<ferry_metering::UsageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Json<ferry_metering::UsageReport>> {
+    let (q, from, to) = usage_query(q)?;
+    let events = c
+        .store
+        .usage_events(crate::store::UsageWindow::new(from, to))?;
+    let report = ferry_metering::usage(&events, &c.plan, from, to, q.service.as_deref(), now_ms())
+        .map_err(rating_error)?;
+    Ok(Json(report))
+}
+
+/// `GET /v1/usage/events` (same query): the raw usage events that touch the range, for
+/// audits and tests.
+async fn usage_events(
+    State(c): State<Arc<Control>>,
+    q: std::result::Result<
+        Query<ferry_metering::UsageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Json<Vec<ferry_metering::UsageEvent>>> {
+    let (q, from, to) = usage_query(q)?;
+    let mut events = c
+        .store
+        .usage_events(crate::store::UsageWindow::new(from, to))?;
+    events.retain(|e| q.service.as_ref().is_none_or(|s| e.service() == s));
+    Ok(Json(events))
+}
+
+/// `GET /v1/invoices/{month}`: the month's line items, subtotals and total.
+async fn invoice(
+    State(c): State<Arc<Control>>,
+    Path(month): Path<String>,
+) -> Result<Json<ferry_metering::Invoice>> {
+    let month: ferry_metering::Month = month.parse().map_err(|e: ferry_metering::MonthError| {
+        err(StatusCode::BAD_REQUEST, "invalid_month", e.to_string())
+    })?;
+    let events = c.store.usage_events(crate::store::UsageWindow::new(
+        month.start_ms(),
+        month.end_ms(),
+    ))?;
+    let inv = ferry_metering::invoice(&events, &c.plan, month, now_ms()).map_err(rating_error)?;
+    Ok(Json(inv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::usage::{InstanceUsage, apply, from_stats};
+    use ferry_api::gateway::RevisionStats;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    fn control(dir: &std::path::Path) -> Arc<Control> {
+        Arc::new(Control {
+            config: crate::Config {
+                data_dir: dir.to_path_buf(),
+                domain: "localhost".into(),
+                gateway_addr: None,
+                default_registry: None,
+                tick: std::time::Duration::from_millis(100),
+                price_plan: None,
+            },
+            store: Store::open(&dir.join("ferry.db")).unwrap(),
+            live: Default::default(),
+            wake: tokio::sync::Notify::new(),
+            agents: Default::default(),
+            registry: ferry_oci::client::Client::new(None),
+            http: reqwest::Client::new(),
+            reconciled: tokio::sync::watch::channel(0).0,
+            plan: ferry_metering::PricePlan::default(),
+        })
+    }
+
+    async fn get(c: &Arc<Control>, uri: &str) -> (StatusCode, Value) {
+        let resp = router(c.clone())
+            .oneshot(
+                axum::http::Request::get(uri)
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn seed(c: &Control, start: u64) {
+        // One hour of 1 vCPU + 2 GiB, 10 M requests: the $21.50 example over 100 hours.
+        for (n, t0) in [(1u64, start), (2, start + 3_600_000)] {
+            for u in [
+                InstanceUsage::Open {
+                    id: format!("inst-hello-{n}"),
+                    service: "hello".into(),
+                    instance: format!("hello-{n}"),
+                    start_ms: t0,
+                    cpu_millis: 1000,
+                    memory_bytes: 2 << 30,
+                },
+                InstanceUsage::Close {
+                    id: format!("inst-hello-{n}"),
+                    stop_ms: t0 + 180_000_000,
+                },
+            ] {
+                apply(&c.store, &u);
+                apply(&c.store, &u);
+            }
+        }
+        let stats = RevisionStats {
+            service: "hello".into(),
+            revision: "hello-00001".into(),
+            avg_concurrency: 1.0,
+            max_concurrency: 1,
+            requests: 10_000_000,
+            queue_depth: 0,
+            p99_latency_ms: 1.0,
+            egress_bytes: 0,
+            window_ms: 1000,
+        };
+        let ev = from_stats(start + 1_000, &[stats]);
+        c.store.record_usage(&ev).unwrap();
+        c.store.record_usage(&ev).unwrap();
+    }
+
+    #[tokio::test]
+    async fn usage_and_invoice_are_rated_from_stored_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = control(dir.path());
+        let m: ferry_metering::Month = "2026-11".parse().unwrap();
+        seed(&c, m.start_ms());
+        let (s, u) = get(&c, "/v1/usage?month=2026-11&service=hello").await;
+        assert_eq!(s, StatusCode::OK, "{u}");
+        assert_eq!(u["from_ms"], m.start_ms());
+        assert_eq!(u["to_ms"], m.end_ms());
+        assert_eq!(u["plan"], "default");
+        assert_eq!(u["services"][0]["service"], "hello");
+        assert_eq!(u["services"][0]["vcpu_seconds"], "360000");
+        assert_eq!(u["services"][0]["gb_seconds"], "720000");
+        assert_eq!(u["services"][0]["requests"], 10_000_000);
+        assert_eq!(u["total"], "$21.50");
+        let (_, other) = get(&c, "/v1/usage?month=2026-11&service=other").await;
+        assert_eq!(other["services"], serde_json::json!([]));
+        let (_, range) = get(
+            &c,
+            &format!(
+                "/v1/usage?from_ms={}&to_ms={}",
+                m.start_ms(),
+                m.start_ms() + 3_600_000
+            ),
+        )
+        .await;
+        assert_eq!(range["services"][0]["vcpu_seconds"], "3600");
+
+        let (s, inv) = get(&c, "/v1/invoices/2026-11").await;
+        assert_eq!(s, StatusCode::OK, "{inv}");
+        assert_eq!(inv["month"], "2026-11");
+        assert_eq!(inv["currency"], "USD");
+        let kinds: Vec<&str> = inv["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["cpu", "memory", "requests"]);
+        assert_eq!(inv["lines"][0]["amount"], "$7.50");
+        assert_eq!(inv["total_micros"], 21_500_000);
+        let (_, empty) = get(&c, "/v1/invoices/2026-10").await;
+        assert_eq!(empty["total_micros"], 0);
+
+        let (_, events) = get(&c, "/v1/usage/events?month=2026-11").await;
+        assert_eq!(events.as_array().unwrap().len(), 3, "{events}");
+    }
+
+    #[tokio::test]
+    async fn bad_queries_are_json_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = control(dir.path());
+        for uri in [
+            "/v1/invoices/2026-13",
+            "/v1/invoices/nov",
+            "/v1/usage?month=2026-1x",
+            "/v1/usage?month=2026-11&from_ms=1&to_ms=2",
+            "/v1/usage?from_ms=5&to_ms=5",
+            "/v1/usage?from_ms=5",
+            "/v1/usage?from_ms=abc&to_ms=9",
+            "/v1/usage?service=Bad_Name",
+        ] {
+            let (s, body) = get(&c, uri).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {body}");
+            assert!(body["code"].is_string(), "{uri}: {body}");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(body["request_id"].is_string());
+        }
+        let (s, body) = get(&c, "/v1/usage").await;
+        assert_eq!(s, StatusCode::OK, "no range: the current month");
+        let now = now_ms();
+        assert!(body["from_ms"].as_u64().unwrap() <= now && now < body["to_ms"].as_u64().unwrap());
+    }
 }

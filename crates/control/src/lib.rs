@@ -1,6 +1,8 @@
 //! ferry-control: the control plane. Owns the public `/v1` API, desired state (SQLite),
 //! revisions and their image pinning, placement (scheduler), scaling decisions, and the
-//! reconcile loop that turns them into agent commands and the gateway's route table.
+//! reconcile loop that turns them into agent commands and the gateway's route table. Records
+//! usage events (instance lifetimes, requests, egress) and serves them rated (`/v1/usage`,
+//! `/v1/invoices/{month}`; docs/billing.md).
 //!
 //! Must not: proxy user traffic (the gateway does) or touch the OS (the agent does). It talks
 //! to both only through `ferry-api` messages ([`Links`]).
@@ -11,6 +13,7 @@ mod http;
 pub mod scheduler;
 pub mod state;
 pub mod store;
+pub mod usage;
 
 use ferry_api::agent::{AgentCommand, AgentEvent};
 use ferry_api::gateway::{GatewayEvent, RouteTable};
@@ -35,6 +38,8 @@ pub struct Config {
     pub default_registry: Option<String>,
     /// Reconcile period (also runs at once on every signal).
     pub tick: Duration,
+    /// A price-plan TOML file (docs/billing.md); `None` is the default plan.
+    pub price_plan: Option<PathBuf>,
 }
 
 /// The channels to the other parts.
@@ -52,6 +57,21 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error("control API server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("price plan {path}: {message}")]
+    Plan { path: PathBuf, message: String },
+}
+
+/// Reads the price plan named by `path`, or the default plan.
+pub fn load_plan(path: Option<&std::path::Path>) -> Result<ferry_metering::PricePlan, Error> {
+    let Some(path) = path else {
+        return Ok(ferry_metering::PricePlan::default());
+    };
+    let fail = |message: String| Error::Plan {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    ferry_metering::PricePlan::from_toml(&text).map_err(|e| fail(e.to_string()))
 }
 
 pub(crate) struct Control {
@@ -65,6 +85,8 @@ pub(crate) struct Control {
     pub http: reqwest::Client,
     /// Counts finished reconcile passes, so a write can wait until its effect is published.
     pub reconciled: watch::Sender<u64>,
+    /// Rates usage for `/v1/usage` and `/v1/invoices`.
+    pub plan: ferry_metering::PricePlan,
 }
 
 impl Control {
@@ -86,8 +108,18 @@ pub async fn serve(
     links: Links,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let plan = load_plan(config.price_plan.as_deref())?;
     std::fs::create_dir_all(&config.data_dir)?;
     let store = store::Store::open(&config.data_dir.join("ferry.db"))?;
+    // Instances of an earlier control process are gone: bill them up to when they were last
+    // seen alive.
+    let closed = store.close_open_instances()?;
+    if closed > 0 {
+        tracing::warn!(
+            closed,
+            "closed the usage of instances left open by the previous run"
+        );
+    }
     let control = Arc::new(Control {
         config,
         store,
@@ -97,6 +129,7 @@ pub async fn serve(
         registry: ferry_oci::client::Client::new(None),
         reconciled: watch::channel(0).0,
         http: reqwest::Client::new(),
+        plan,
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(agent_events(
@@ -129,28 +162,56 @@ async fn agent_events(
     mut rx: mpsc::Receiver<AgentEvent>,
     shutdown: CancellationToken,
 ) {
+    let mut batch = Vec::new();
+    // Resource samples come in bursts (one per instance per second): their `last_seen_ms`
+    // updates are written together, before the next status report, in one transaction.
+    let mut seen: Vec<(String, u64)> = Vec::new();
     loop {
-        let ev = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+            n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         };
-        let now = state::now_ms();
-        let reply = {
-            let mut live = c.live.lock().expect("live state lock");
-            match ev {
-                AgentEvent::Node(info) => {
-                    live.nodes.insert(info.node.clone(), info);
-                    None
-                }
-                AgentEvent::Status(st) => live.on_status(st, now),
-                AgentEvent::Usage(_) => None,
+        for ev in batch.drain(..) {
+            if let AgentEvent::Usage(sample) = ev {
+                seen.push((usage::instance_event_id(&sample.instance_id), sample.at_ms));
+                continue;
             }
-        };
-        if let Some((node, cmd)) = reply {
-            send(&c, &node, cmd).await;
+            flush_seen(&c, &mut seen);
+            let now = state::now_ms();
+            let (reply, metered) = {
+                let mut live = c.live.lock().expect("live state lock");
+                match ev {
+                    AgentEvent::Node(info) => {
+                        live.nodes.insert(info.node.clone(), info);
+                        (None, None)
+                    }
+                    AgentEvent::Status(st) => {
+                        let m = usage::from_status(live.instances.get(&st.instance_id), &st);
+                        (live.on_status(st, now), m)
+                    }
+                    AgentEvent::Usage(_) => (None, None),
+                }
+            };
+            if let Some(m) = metered {
+                usage::apply(&c.store, &m);
+            }
+            if let Some((node, cmd)) = reply {
+                send(&c, &node, cmd).await;
+            }
+            c.wake.notify_one();
         }
-        c.wake.notify_one();
+        flush_seen(&c, &mut seen);
     }
+}
+
+fn flush_seen(c: &Control, seen: &mut Vec<(String, u64)>) {
+    if seen.is_empty() {
+        return;
+    }
+    if let Err(e) = c.store.touch_instances(seen) {
+        tracing::error!(error = %e, "recording that instances are alive");
+    }
+    seen.clear();
 }
 
 async fn gateway_events(
@@ -163,6 +224,14 @@ async fn gateway_events(
             _ = shutdown.cancelled() => return,
             ev = rx.recv() => match ev { Some(ev) => ev, None => return },
         };
+        if let GatewayEvent::Stats { at_ms, revisions } = &ev {
+            let events = usage::from_stats(*at_ms, revisions);
+            if !events.is_empty()
+                && let Err(e) = c.store.record_usage(&events)
+            {
+                tracing::error!(error = %e, at_ms, "recording request and egress usage");
+            }
+        }
         let now = state::now_ms();
         let mut live = c.live.lock().expect("live state lock");
         match ev {

@@ -1,8 +1,10 @@
 //! Desired state in an embedded SQLite database (`<data-dir>/ferry.db`): services, their
-//! revisions and traffic. WAL with synchronous=FULL, each change one transaction.
+//! revisions and traffic, and the usage events billing rates (docs/billing.md). WAL with
+//! synchronous=FULL, each change one transaction.
 
 use ferry_api::gateway::TrafficTarget;
 use ferry_api::service::ServiceSpec;
+use ferry_metering::{UsageEvent, UsageKind};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -71,7 +73,23 @@ impl Store {
                 image TEXT NOT NULL,
                 spec TEXT NOT NULL,
                 created_ms INTEGER NOT NULL);
-             CREATE INDEX IF NOT EXISTS revisions_by_service ON revisions(service);",
+             CREATE INDEX IF NOT EXISTS revisions_by_service ON revisions(service);
+             -- Usage events keyed by their idempotent id. `t0` is start_ms (instance) or at_ms,
+             -- `stop_ms` is NULL while an instance is open, `last_seen_ms` is when an open
+             -- instance was last reported alive, `amount` is a count or bytes.
+             CREATE TABLE IF NOT EXISTS usage_events(
+                id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                service TEXT NOT NULL,
+                instance TEXT,
+                t0 INTEGER NOT NULL,
+                stop_ms INTEGER,
+                last_seen_ms INTEGER,
+                cpu_millis INTEGER,
+                memory_bytes INTEGER,
+                amount INTEGER);
+             CREATE INDEX IF NOT EXISTS usage_by_time ON usage_events(t0);
+             CREATE INDEX IF NOT EXISTS usage_open ON usage_events(kind, stop_ms);",
         )?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -239,6 +257,204 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The events rating needs for `[from_ms, to_ms)` (docs/billing.md, "Pass all events that
+/// can touch the range").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageWindow {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// Egress events from here (the first month of the range) count too: the free allowance
+    /// is consumed in time order across the month.
+    pub egress_from_ms: u64,
+}
+
+impl UsageWindow {
+    pub fn new(from_ms: u64, to_ms: u64) -> UsageWindow {
+        UsageWindow {
+            from_ms,
+            to_ms,
+            egress_from_ms: ferry_metering::Month::containing(from_ms).start_ms(),
+        }
+    }
+}
+
+fn sql_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+type UsageRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+impl Store {
+    /// Records a requests or egress event; recording the same id again changes nothing.
+    /// Instance events go through [`Store::open_instance`] and [`Store::close_instance`].
+    /// Returns how many were new.
+    pub fn record_usage(&self, events: &[UsageEvent]) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut new = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO usage_events(id, kind, service, t0, amount) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO NOTHING",
+            )?;
+            for e in events {
+                let (kind, service, at, amount) = match &e.kind {
+                    UsageKind::Requests {
+                        service,
+                        at_ms,
+                        count,
+                    } => ("requests", service, at_ms, count),
+                    UsageKind::Egress {
+                        service,
+                        at_ms,
+                        bytes,
+                    } => ("egress", service, at_ms, bytes),
+                    UsageKind::Instance { .. } => continue,
+                };
+                new +=
+                    stmt.execute(params![e.id, kind, service, sql_u64(*at), sql_u64(*amount)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Opens an instance event (`stop_ms` NULL) the first time; later calls for the same id
+    /// change nothing. Returns whether it was new.
+    pub fn open_instance(
+        &self,
+        id: &str,
+        service: &str,
+        instance: &str,
+        start_ms: u64,
+        cpu_millis: u32,
+        memory_bytes: u64,
+    ) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT INTO usage_events(id, kind, service, instance, t0, last_seen_ms, cpu_millis, memory_bytes)
+             VALUES (?1, 'instance', ?2, ?3, ?4, ?4, ?5, ?6) ON CONFLICT(id) DO NOTHING",
+            params![id, service, instance, sql_u64(start_ms), cpu_millis, sql_u64(memory_bytes)],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Closes an open instance event at `stop_ms` (never before its start); an event already
+    /// closed keeps its first stop. Returns whether it closed one.
+    pub fn close_instance(&self, id: &str, stop_ms: u64) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE usage_events SET stop_ms = MAX(t0, ?2), last_seen_ms = MAX(t0, ?2)
+             WHERE id = ?1 AND kind = 'instance' AND stop_ms IS NULL",
+            params![id, sql_u64(stop_ms)],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Notes that the open instances were alive at their times, in one transaction.
+    pub fn touch_instances(&self, seen: &[(String, u64)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE usage_events SET last_seen_ms = ?2
+                 WHERE id = ?1 AND kind = 'instance' AND stop_ms IS NULL AND last_seen_ms < ?2",
+            )?;
+            for (id, at) in seen {
+                stmt.execute(params![id, sql_u64(*at)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Closes every open instance event at the last time it was seen alive. Control calls it
+    /// at start: the instances of an earlier control process are gone (an agent that starts
+    /// afresh does not know them). Returns how many it closed.
+    pub fn close_open_instances(&self) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE usage_events SET stop_ms = MAX(t0, COALESCE(last_seen_ms, t0))
+             WHERE kind = 'instance' AND stop_ms IS NULL",
+            [],
+        )?)
+    }
+
+    /// The events that can touch `window`: instances overlapping it (open ones included),
+    /// requests inside it, egress from the start of its first month to its end.
+    pub fn usage_events(&self, w: UsageWindow) -> Result<Vec<UsageEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, kind, service, instance, t0, stop_ms, cpu_millis, memory_bytes, amount
+             FROM usage_events
+             WHERE (kind = 'instance' AND t0 < ?2 AND (stop_ms IS NULL OR stop_ms >= ?1))
+                OR (kind = 'requests' AND t0 >= ?1 AND t0 < ?2)
+                OR (kind = 'egress' AND t0 >= ?3 AND t0 < ?2)
+             ORDER BY t0, id",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![
+                    sql_u64(w.from_ms),
+                    sql_u64(w.to_ms),
+                    sql_u64(w.egress_from_ms)
+                ],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<UsageRow>>>()?;
+        Ok(rows.into_iter().filter_map(usage_from_row).collect())
+    }
+}
+
+fn usage_from_row(row: UsageRow) -> Option<UsageEvent> {
+    let (id, kind, service, instance, t0, stop, cpu, mem, amount) = row;
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    let kind = match kind.as_str() {
+        "instance" => UsageKind::Instance {
+            service,
+            instance: instance.unwrap_or_default(),
+            start_ms: u(t0),
+            stop_ms: stop.map(u),
+            cpu_millis: u32::try_from(cpu.unwrap_or(0)).unwrap_or(0),
+            memory_bytes: u(mem.unwrap_or(0)),
+        },
+        "requests" => UsageKind::Requests {
+            service,
+            at_ms: u(t0),
+            count: u(amount.unwrap_or(0)),
+        },
+        "egress" => UsageKind::Egress {
+            service,
+            at_ms: u(t0),
+            bytes: u(amount.unwrap_or(0)),
+        },
+        other => {
+            tracing::warn!(id = %id, kind = other, "usage event of unknown kind skipped");
+            return None;
+        }
+    };
+    Some(UsageEvent { id, kind })
 }
 
 #[cfg(test)]
