@@ -20,10 +20,10 @@ struct Cli {
     #[command(subcommand)]
     suite: Suite,
     /// Repetitions where a suite repeats (registry push/pull runs).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, global = true)]
     runs: usize,
     /// Cold starts to measure.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, global = true)]
     cold_starts: usize,
 }
 

@@ -409,6 +409,8 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
         let (status, t) = first_byte(gateway, &format!("{name}.localhost"), "/")?;
         anyhow::ensure!(status == 200, "{name}: cold request answered {status}");
         ferry_ms.push(ms(t));
+        // Free the node's capacity for the next one (the instance drains and stops).
+        ferry_cli(ferry, &api, &["delete", &name])?;
     }
     drop(server);
 
@@ -486,7 +488,7 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
     ];
     Ok((
         format!(
-            "Ferry: `ferry server` (release build) on loopback; {n} services deployed one by one (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness). Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. podman is not measured yet."
+            "Ferry: `ferry server` (release build) on loopback; {n} services deployed one by one with 0.1 vCPU and 64 MiB (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness); each service is deleted after its request. Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. podman is not measured yet."
         ),
         rows,
     ))
