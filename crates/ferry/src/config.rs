@@ -42,6 +42,9 @@ pub struct DaemonArgs {
     /// Bridge address and prefix of the instance network [default: 10.88.0.1/16]
     #[arg(long, env = "FERRY_SUBNET")]
     pub subnet: Option<String>,
+    /// Price plan TOML for usage and invoices [default: the built-in plan, docs/billing.md]
+    #[arg(long, env = "FERRY_PRICE_PLAN")]
+    pub price_plan: Option<PathBuf>,
     /// Registry basic-auth user as `name:password` (repeatable); turns registry auth on
     #[arg(
         long = "registry-user",
@@ -71,6 +74,7 @@ struct FileConfig {
     node_name: Option<String>,
     bridge: Option<String>,
     subnet: Option<String>,
+    price_plan: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +102,7 @@ pub struct Settings {
     pub bridge: String,
     pub bridge_address: std::net::Ipv4Addr,
     pub subnet_prefix: u8,
+    pub price_plan: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -166,6 +171,7 @@ impl DaemonArgs {
                 .unwrap_or_else(|| "ferry0".into()),
             bridge_address: ip,
             subnet_prefix: prefix,
+            price_plan: self.price_plan.clone().or(file.price_plan),
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
             registry_addr: addr(

@@ -134,7 +134,7 @@ impl Platform {
             gateway_addr: addresses.gateway,
             default_registry: Some(registry_addr.to_string()),
             tick: Duration::from_millis(100),
-            price_plan: None,
+            price_plan: settings.price_plan.clone(),
         };
         let links = ferry_control::Links {
             agents: HashMap::from([(settings.node_name.clone(), agent_tx)]),

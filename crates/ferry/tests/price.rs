@@ -320,3 +320,37 @@ fn unreachable_api_is_a_clear_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// `ferry server --price-plan` with a broken plan stops at start, naming the file.
+#[test]
+fn server_refuses_a_bad_price_plan() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, "cpu_per_vcpu_second = \"lots\"\n")?;
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "server",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--registry-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--bridge",
+            "fplan0",
+            "--subnet",
+            "10.94.0.1/24",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--price-plan")
+        .arg(&plan)
+        .env("FERRY_LOG", "error")
+        .output()?;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("plan.toml"), "{err}");
+    Ok(())
+}
