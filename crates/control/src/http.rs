@@ -611,6 +611,47 @@ mod tests {
         (status, serde_json::from_slice(&body).unwrap())
     }
 
+    /// docs/openapi.json lists every path with exactly the methods the router serves.
+    #[tokio::test]
+    async fn openapi_matches_the_router() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = control(dir.path());
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/openapi.json"
+        ))
+        .unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() >= 13, "{}", paths.len());
+        for (path, item) in paths {
+            let uri = path.replace("{name}", "svc").replace("{month}", "2026-11");
+            for method in ["get", "put", "post", "delete", "patch"] {
+                let documented = item.get(method).is_some();
+                let req = axum::http::Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&uri)
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from("{}"))
+                    .unwrap();
+                let resp = router(c.clone()).oneshot(req).await.unwrap();
+                let status = resp.status();
+                let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                let code = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["code"].as_str().map(str::to_string));
+                let served = status != StatusCode::METHOD_NOT_ALLOWED
+                    && code.as_deref() != Some("not_found");
+                assert_eq!(
+                    served, documented,
+                    "{method} {path}: status {status}, code {code:?}"
+                );
+            }
+        }
+    }
+
     fn seed(c: &Control, start: u64) {
         // One hour of 1 vCPU + 2 GiB, 10 M requests: the $21.50 example over 100 hours.
         for (n, t0) in [(1u64, start), (2, start + 3_600_000)] {
