@@ -412,6 +412,17 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
         // Free the node's capacity for the next one (the instance drains and stops).
         ferry_cli(ferry, &api, &["delete", &name])?;
     }
+    // Warm latency: keep-alive GETs through the gateway vs straight to the same instance.
+    let desc: serde_json::Value =
+        serde_json::from_str(&ferry_cli(ferry, &api, &["describe", "cs-warm", "--json"])?)?;
+    let instance: SocketAddr = desc["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["state"] == "ready"))
+        .and_then(|i| i["address"].as_str())
+        .context("cs-warm has no ready instance")?
+        .parse()?;
+    let via_gateway = sorted(keepalive_latencies(gateway, "cs-warm.localhost", 2000)?);
+    let direct = sorted(keepalive_latencies(instance, "cs-warm.localhost", 2000)?);
     drop(server);
 
     // Peer: runc run of the same rootfs (the testapp at /testapp), host network, to its first
@@ -486,10 +497,61 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
             goal: Some("≤ 40 ms".into()),
         },
     ];
+    let peer = Some("straight to the instance".to_string());
+    let mut rows = rows;
+    rows.push(Row {
+        metric: "warm GET p50, keep-alive, 2000 sequential".into(),
+        unit: "ms".into(),
+        ferry: percentile(&via_gateway, 0.5),
+        peer_name: peer.clone(),
+        peer: Some(percentile(&direct, 0.5)),
+        goal: Some("overhead ≤ 0.15 ms".into()),
+    });
+    rows.push(Row {
+        metric: "warm GET p99, keep-alive, 2000 sequential".into(),
+        unit: "ms".into(),
+        ferry: percentile(&via_gateway, 0.99),
+        peer_name: peer,
+        peer: Some(percentile(&direct, 0.99)),
+        goal: None,
+    });
     Ok((
         format!(
-            "Ferry: `ferry server` (release build) on loopback; {n} services deployed one by one with 0.1 vCPU and 64 MiB (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness); each service is deleted after its request. Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. podman is not measured yet."
+            "Warm rows: 2000 sequential `GET /` on one keep-alive connection (after 50 unmeasured), through the gateway vs to the instance's own address. Cold rows: `ferry server` (release build) on loopback; {n} services deployed one by one with 0.1 vCPU and 64 MiB (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness); each service is deleted after its request. Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. podman is not measured yet."
         ),
         rows,
     ))
+}
+
+/// Sequential GETs on one keep-alive connection; per-request latency in ms.
+fn keepalive_latencies(addr: SocketAddr, host: &str, n: usize) -> Result<Vec<f64>> {
+    use std::io::BufRead;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = s.try_clone()?;
+    let mut r = std::io::BufReader::new(s);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 50 {
+        let t = Instant::now();
+        write!(w, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+        let mut len = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        if i >= 50 {
+            out.push(ms(t.elapsed()));
+        }
+    }
+    Ok(out)
 }
