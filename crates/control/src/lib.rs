@@ -9,6 +9,7 @@
 //!
 //! Entry points: [`Config`], [`Links`], [`serve`].
 
+pub mod autoscale;
 mod http;
 pub mod scheduler;
 pub mod state;
