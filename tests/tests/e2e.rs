@@ -326,3 +326,96 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     assert_eq!(r.status(), 404);
     c.stop().await
 }
+
+/// SIGTERM first, SIGKILL after the termination grace: an instance that ignores SIGTERM is
+/// killed once the grace is over; one that honours it ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_then_sigkill_after_the_grace() -> Result<()> {
+    let spec = |ignore: &str| json!({ "min_instances": 1, "termination_grace_secs": 3, "env": { "TESTAPP_IGNORE_SIGTERM": ignore } });
+    let (c, image) = cluster_with_app("sig", spec("1")).await?;
+    let ready_of = |rev: &'static str| {
+        let c = &c;
+        async move {
+            let list = c.instances("sig").await?;
+            Ok::<_, anyhow::Error>(
+                list.into_iter()
+                    .find(|i| {
+                        i.revision == rev && i.state == ferry_api::agent::InstanceState::Ready
+                    })
+                    .map(|i| i.id),
+            )
+        }
+    };
+    let stopped = |id: String| {
+        let c = &c;
+        async move {
+            Ok::<_, anyhow::Error>(
+                c.instances("sig")
+                    .await?
+                    .iter()
+                    .any(|i| i.id == id && i.state.is_terminal()),
+            )
+        }
+    };
+    c.wait_for("first instance", Duration::from_secs(20), || async {
+        Ok(ready_of("sig-00001").await?.is_some())
+    })
+    .await?;
+    let first = ready_of("sig-00001").await?.unwrap();
+
+    // A new revision replaces it; the old one ignores SIGTERM, so only SIGKILL ends it.
+    let mut s = spec("0");
+    s["image"] = json!(image);
+    s["cpu"] = json!("0.5");
+    s["memory"] = json!("128Mi");
+    let t = std::time::Instant::now();
+    c.deploy("sig", &s).await?;
+    c.wait_for(
+        "the ignoring instance to end",
+        Duration::from_secs(30),
+        || stopped(first.clone()),
+    )
+    .await?;
+    let ignoring = t.elapsed();
+    let second = ready_of("sig-00002")
+        .await?
+        .expect("the new revision is ready");
+
+    // And once more: this time the old instance honours SIGTERM.
+    let t = std::time::Instant::now();
+    c.deploy("sig", &s.clone()).await?;
+    c.wait_for(
+        "the honouring instance to end",
+        Duration::from_secs(30),
+        || stopped(second.clone()),
+    )
+    .await?;
+    let honouring = t.elapsed();
+
+    assert!(
+        ignoring >= Duration::from_millis(4_200),
+        "drain 1.5 s + grace 3 s before SIGKILL; ended after {ignoring:?}"
+    );
+    assert!(
+        honouring < Duration::from_millis(3_800),
+        "SIGTERM alone ends it; took {honouring:?}"
+    );
+    let log = |id: String| {
+        let c = &c;
+        async move {
+            Ok::<_, anyhow::Error>(
+                c.http
+                    .get(format!("{}/v1/services/sig/logs?instance={id}", c.api))
+                    .send()
+                    .await?
+                    .text()
+                    .await?,
+            )
+        }
+    };
+    let l1 = log(first).await?;
+    assert!(l1.contains("got SIGTERM (ignored"), "{l1}");
+    let l2 = log(second).await?;
+    assert!(l2.contains("got SIGTERM, draining"), "{l2}");
+    c.stop().await
+}
