@@ -1,5 +1,6 @@
-//! Helpers shared by the restart and leak tests: an agent on a data dir of the caller's choice
-//! with its own bridge and /24, holding the static testapp image.
+//! Helpers shared by the agent's integration tests: an agent on a data dir of the caller's
+//! choice with its own bridge and /24, holding the static testapp image (env `IMAGE_ENV=1`,
+//! `SPEC_ENV=image`; specs set `SPEC_ENV=yes`), and probes for what an instance leaves behind.
 #![allow(dead_code)]
 
 use anyhow::{Context, Result, bail};
@@ -38,7 +39,7 @@ pub fn is_root() -> bool {
     root
 }
 
-fn gz_tar(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+pub fn gz_tar(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, data, mode) in entries {
         let mut h = tar::Header::new_gnu();
@@ -73,8 +74,13 @@ pub struct Node {
 impl Node {
     /// An agent in a fresh temp dir.
     pub async fn start(n: u8) -> Result<Node> {
+        Node::start_with_layers(n, None).await
+    }
+
+    /// An agent in a fresh temp dir whose image has `layers` instead of the testapp's.
+    pub async fn start_with_layers(n: u8, layers: Option<Vec<Vec<u8>>>) -> Result<Node> {
         let tmp = tempfile::tempdir()?;
-        let mut node = Node::start_at(tmp.path(), n).await?;
+        let mut node = Node::start_at_with(tmp.path(), n, layers).await?;
         node._tmp = Some(tmp);
         Ok(node)
     }
@@ -82,11 +88,21 @@ impl Node {
     /// An agent on `root/agent` (kept when it exists: a restart) with bridge `fyt<n>` and
     /// subnet 10.89.<n>.0/24.
     pub async fn start_at(root: &Path, n: u8) -> Result<Node> {
+        Node::start_at_with(root, n, None).await
+    }
+
+    async fn start_at_with(root: &Path, n: u8, layers: Option<Vec<Vec<u8>>>) -> Result<Node> {
         let data = root.join("agent");
         let layout = root.join("layout");
-        let bin = std::fs::read(testapp().context("testapp")?)?;
-        let layers = vec![gz_tar(&[("testapp", &bin, 0o755)])];
+        let layers = match layers {
+            Some(l) => l,
+            None => {
+                let bin = std::fs::read(testapp().context("testapp")?)?;
+                vec![gz_tar(&[("testapp", &bin, 0o755)])]
+            }
+        };
         let cfg = RuntimeConfig {
+            env: vec!["IMAGE_ENV=1".into(), "SPEC_ENV=image".into()],
             entrypoint: vec!["/testapp".into()],
             ..Default::default()
         };
@@ -134,7 +150,9 @@ impl Node {
             registry_auth: None,
             command: None,
             args: None,
-            env: Default::default(),
+            env: [("SPEC_ENV".to_string(), "yes".to_string())]
+                .into_iter()
+                .collect(),
             port: 8080,
             cpu: Cpu(1000),
             memory: Memory(256 << 20),
@@ -235,6 +253,15 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .parse()
         .context("status code")?;
     Ok((code, body.to_string()))
+}
+
+/// GET expecting 200 with a JSON body.
+pub async fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let (code, body) = get(addr, path).await?;
+    if code != 200 {
+        bail!("GET {path}: {code} {body}");
+    }
+    Ok(serde_json::from_str(&body)?)
 }
 
 /// The cgroup dirs of instance `id` that exist (v1: one per controller; v2: one).
