@@ -1,7 +1,7 @@
 //! End-to-end scenarios through `ferry server` (in-process), real containers, the real API,
 //! registry and gateway. Run as root by scripts/test.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferry_tests::TestCluster;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -101,15 +101,10 @@ async fn knative_runtime_contract() -> Result<()> {
     let dev: Value = c.get("contract", "/dev").await?.json().await?;
     let names: Vec<&str> = dev
         .as_array()
-        .map(|a| a.iter().filter_map(|e| e["name"].as_str()).collect())
-        .unwrap_or_else(|| {
-            dev["entries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|e| e["name"].as_str())
-                .collect()
-        });
+        .context("/dev answers a JSON array")?
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
     for n in [
         "null", "zero", "full", "random", "urandom", "tty", "ptmx", "fd", "stdin", "stdout",
         "stderr",

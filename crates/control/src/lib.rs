@@ -280,17 +280,21 @@ async fn reconcile_loop(
     routes: watch::Sender<RouteTable>,
     shutdown: CancellationToken,
 ) {
+    // Desired state is read from the database only when a write changed it; every pass (100 ms,
+    // and at once on each cold-start demand) otherwise reuses it.
+    let mut cache: Option<(u64, Vec<Desired>)> = None;
     loop {
-        let services = match load_services(&c) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "reading desired state");
-                Vec::new()
+        let generation = c.store.desired_generation();
+        if cache.as_ref().is_none_or(|(g, _)| *g != generation) {
+            match load_services(&c) {
+                Ok(s) => cache = Some((generation, s)),
+                Err(e) => tracing::error!(error = %e, "reading desired state"),
             }
-        };
+        }
+        let services: &[_] = cache.as_ref().map_or(&[], |(_, s)| s.as_slice());
         let actions = {
             let mut live = c.live.lock().expect("live state lock");
-            live.reconcile(&services, &c.config.domain, state::now_ms())
+            live.reconcile(services, state::now_ms())
         };
         for (svc, rev) in &actions.rollouts {
             let t = vec![ferry_api::gateway::TrafficTarget {
@@ -318,9 +322,10 @@ async fn reconcile_loop(
     }
 }
 
-fn load_services(
-    c: &Control,
-) -> Result<Vec<(store::ServiceRecord, Vec<store::RevisionRecord>)>, store::StoreError> {
+/// A service with its revisions, as the reconcile pass reads them.
+type Desired = (store::ServiceRecord, Vec<store::RevisionRecord>);
+
+fn load_services(c: &Control) -> Result<Vec<Desired>, store::StoreError> {
     let mut out = Vec::new();
     for s in c.store.services()? {
         let revs = c.store.revisions(&s.name)?;

@@ -264,11 +264,9 @@ impl Live {
     pub fn reconcile(
         &mut self,
         services: &[(ServiceRecord, Vec<RevisionRecord>)],
-        domain: &str,
         now: u64,
     ) -> Actions {
         let mut actions = Actions::default();
-        let _ = domain;
         // Forget terminal instances after a minute (they stay visible for describe until then).
         self.instances.retain(|_, i| {
             !(i.state.is_terminal() && now.saturating_sub(i.started_ms) > 60_000 && i.stop_sent)

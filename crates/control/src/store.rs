@@ -45,6 +45,8 @@ type ServiceRow = (String, String, String, String, i64, i64, bool);
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Bumped by every write to services, revisions or traffic, so readers can cache them.
+    desired_generation: std::sync::atomic::AtomicU64,
 }
 
 fn json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
@@ -93,7 +95,19 @@ impl Store {
         )?;
         Ok(Store {
             conn: Mutex::new(conn),
+            desired_generation: Default::default(),
         })
+    }
+
+    /// Changes whenever desired state (services, revisions, traffic) was written.
+    pub fn desired_generation(&self) -> u64 {
+        self.desired_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump(&self) {
+        self.desired_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -144,6 +158,7 @@ impl Store {
             params![revision, name, pinned_image, spec_json, now_ms as i64],
         )?;
         tx.commit()?;
+        self.bump();
         Ok(RevisionRecord {
             name: revision,
             service: name.to_string(),
@@ -159,6 +174,7 @@ impl Store {
             "UPDATE services SET traffic = ?2, updated_ms = ?3, rollout_pending = 0 WHERE name = ?1",
             params![name, t, now_ms as i64],
         )?;
+        self.bump();
         Ok(n == 1)
     }
 
@@ -169,6 +185,7 @@ impl Store {
             "UPDATE services SET spec = ?2, updated_ms = ?3 WHERE name = ?1",
             params![name, s, now_ms as i64],
         )?;
+        self.bump();
         Ok(n == 1)
     }
 
@@ -178,6 +195,7 @@ impl Store {
         tx.execute("DELETE FROM revisions WHERE service = ?1", params![name])?;
         let n = tx.execute("DELETE FROM services WHERE name = ?1", params![name])?;
         tx.commit()?;
+        self.bump();
         Ok(n == 1)
     }
 

@@ -44,6 +44,14 @@ pub enum ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// Wraps a transport error with the URL it happened on.
+fn http_err(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
+    move |source| ClientError::Http {
+        url: url.to_string(),
+        source,
+    }
+}
+
 /// Credentials for a registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
@@ -123,14 +131,7 @@ impl Client {
 
     /// Sends a request built by `make` (called again after an auth challenge).
     async fn send(&self, url: &str, make: impl Fn() -> RequestBuilder) -> Result<Response> {
-        let resp = self
-            .authorize(make())
-            .send()
-            .await
-            .map_err(|e| ClientError::Http {
-                url: url.to_string(),
-                source: e,
-            })?;
+        let resp = self.authorize(make()).send().await.map_err(http_err(url))?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -142,14 +143,7 @@ impl Client {
             .to_string();
         if let Some(realm) = bearer_realm(&challenge) {
             self.fetch_token(&realm).await?;
-            return self
-                .authorize(make())
-                .send()
-                .await
-                .map_err(|e| ClientError::Http {
-                    url: url.to_string(),
-                    source: e,
-                });
+            return self.authorize(make()).send().await.map_err(http_err(url));
         }
         Ok(resp)
     }
@@ -159,15 +153,9 @@ impl Client {
         if let Some(Credentials::Basic { username, password }) = &self.credentials {
             rb = rb.basic_auth(username, Some(password));
         }
-        let resp = rb.send().await.map_err(|e| ClientError::Http {
-            url: realm.to_string(),
-            source: e,
-        })?;
+        let resp = rb.send().await.map_err(http_err(realm))?;
         let resp = check(realm, resp).await?;
-        let v: serde_json::Value = resp.json().await.map_err(|e| ClientError::Http {
-            url: realm.to_string(),
-            source: e,
-        })?;
+        let v: serde_json::Value = resp.json().await.map_err(http_err(realm))?;
         let t = v["token"]
             .as_str()
             .or(v["access_token"].as_str())
@@ -208,14 +196,7 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Http {
-                url: url.clone(),
-                source: e,
-            })?
-            .to_vec();
+        let body = resp.bytes().await.map_err(http_err(&url))?.to_vec();
         let digest = match reference.parse::<Digest>() {
             Ok(want) => {
                 let actual = Digest::of(want.algorithm(), &body);
@@ -301,10 +282,7 @@ impl Client {
         let mut stream = resp.bytes_stream();
         let mut n = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ClientError::Http {
-                url: url.clone(),
-                source: e,
-            })?;
+            let chunk = chunk.map_err(http_err(&url))?;
             h.update(&chunk);
             n += chunk.len() as u64;
             f.write_all(&chunk).map_err(io)?;
