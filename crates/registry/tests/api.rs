@@ -41,6 +41,16 @@ impl Reg {
         self.http.request(m, url)
     }
 
+    /// The status of a bodyless request.
+    async fn status(&self, m: Method, path: &str) -> StatusCode {
+        self.req(m, path).send().await.unwrap().status()
+    }
+
+    /// The status and OCI error code of a bodyless request that must fail.
+    async fn error(&self, m: Method, path: &str) -> (StatusCode, String) {
+        error_code(self.req(m, path).send().await.unwrap()).await
+    }
+
     /// Monolithic POST+PUT upload; returns the digest.
     async fn push_blob(&self, repo: &str, data: &[u8]) -> Digest {
         let d = Digest::sha256(data);
@@ -220,13 +230,9 @@ async fn monolithic_and_single_post_uploads_and_pulls() {
     )
     .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
-    let (s, c) = error_code(
-        reg.req(Method::GET, &format!("/v2/other/blobs/{d}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::GET, &format!("/v2/other/blobs/{d}"))
+        .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
 }
 
@@ -312,13 +318,9 @@ async fn chunked_upload_with_status_and_out_of_order_416() {
         .unwrap();
     assert_eq!(got.as_ref(), &data[..]);
     // The session is gone.
-    let (s, c) = error_code(
-        reg.req(Method::GET, &format!("/v2/chunky/blobs/uploads/{id}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::GET, &format!("/v2/chunky/blobs/uploads/{id}"))
+        .await;
     assert_eq!(
         (s, c.as_str()),
         (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN")
@@ -343,13 +345,9 @@ async fn upload_errors_wrong_digest_missing_digest_cancel() {
     )
     .await;
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
-    let (s, c) = error_code(
-        reg.req(Method::PUT, &format!("{loc}?digest=sha256:1234"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::PUT, &format!("{loc}?digest=sha256:1234"))
+        .await;
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
     let wrong = Digest::sha256(b"something else");
     let (s, c) = error_code(
@@ -361,13 +359,9 @@ async fn upload_errors_wrong_digest_missing_digest_cancel() {
     )
     .await;
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
-    let (s, _) = error_code(
-        reg.req(Method::GET, &format!("/v2/e/blobs/{wrong}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = reg
+        .error(Method::GET, &format!("/v2/e/blobs/{wrong}"))
+        .await;
     assert_eq!(
         s,
         StatusCode::NOT_FOUND,
@@ -381,7 +375,7 @@ async fn upload_errors_wrong_digest_missing_digest_cancel() {
         .unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     assert_eq!(
-        reg.req(Method::DELETE, &loc).send().await.unwrap().status(),
+        reg.status(Method::DELETE, &loc).await,
         StatusCode::NO_CONTENT
     );
     let (s, c) = error_code(
@@ -396,13 +390,9 @@ async fn upload_errors_wrong_digest_missing_digest_cancel() {
         (s, c.as_str()),
         (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN")
     );
-    let (s, c) = error_code(
-        reg.req(Method::GET, "/v2/e/blobs/uploads/not-a-uuid")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::GET, "/v2/e/blobs/uploads/not-a-uuid")
+        .await;
     assert_eq!(
         (s, c.as_str()),
         (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN")
@@ -413,26 +403,16 @@ async fn upload_errors_wrong_digest_missing_digest_cancel() {
 async fn names_tags_and_methods_are_validated() {
     let reg = start().await;
     for bad in ["UPPER", "a//b", "-a", "a..b", &"x".repeat(256)] {
-        let (s, c) = error_code(
-            reg.req(Method::GET, &format!("/v2/{bad}/tags/list"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, c) = reg
+            .error(Method::GET, &format!("/v2/{bad}/tags/list"))
+            .await;
         assert_eq!(
             (s, c.as_str()),
             (StatusCode::BAD_REQUEST, "NAME_INVALID"),
             "{bad}"
         );
     }
-    let (s, c) = error_code(
-        reg.req(Method::GET, "/v2/missing/tags/list")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg.error(Method::GET, "/v2/missing/tags/list").await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
     let (s, c) = error_code(
         reg.put_manifest("r", "bad!tag", media::OCI_MANIFEST, b"{}")
@@ -440,13 +420,7 @@ async fn names_tags_and_methods_are_validated() {
     )
     .await;
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "TAG_INVALID"));
-    let (s, c) = error_code(
-        reg.req(Method::PATCH, "/v2/r/manifests/v1")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg.error(Method::PATCH, "/v2/r/manifests/v1").await;
     assert_eq!(
         (s, c.as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED")
@@ -528,98 +502,55 @@ async fn manifests_push_pull_validate_delete() {
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(
-        reg.req(Method::GET, &format!("/v2/app/manifests/{d512}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, &format!("/v2/app/manifests/{d512}"))
+            .await,
         StatusCode::OK
     );
     // Unknown manifest.
-    let (s, c) = error_code(
-        reg.req(Method::GET, "/v2/app/manifests/nope")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg.error(Method::GET, "/v2/app/manifests/nope").await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
 
     // Delete a tag, then the manifest.
     reg.put_manifest("app", "v2", media::OCI_MANIFEST, &body)
         .await;
     assert_eq!(
-        reg.req(Method::DELETE, "/v2/app/manifests/v2")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::DELETE, "/v2/app/manifests/v2").await,
         StatusCode::ACCEPTED
     );
     assert_eq!(
-        reg.req(Method::GET, "/v2/app/manifests/v2")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, "/v2/app/manifests/v2").await,
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        reg.req(Method::GET, "/v2/app/manifests/v1")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, "/v2/app/manifests/v1").await,
         StatusCode::OK
     );
     assert_eq!(
-        reg.req(Method::DELETE, &format!("/v2/app/manifests/{md}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::DELETE, &format!("/v2/app/manifests/{md}"))
+            .await,
         StatusCode::ACCEPTED
     );
-    let (s, c) = error_code(
-        reg.req(Method::GET, &format!("/v2/app/manifests/{md}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::GET, &format!("/v2/app/manifests/{md}"))
+        .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
     assert_eq!(
-        reg.req(Method::GET, "/v2/app/manifests/v1")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, "/v2/app/manifests/v1").await,
         StatusCode::NOT_FOUND
     );
-    let (s, c) = error_code(
-        reg.req(Method::DELETE, &format!("/v2/app/manifests/{md}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::DELETE, &format!("/v2/app/manifests/{md}"))
+        .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
     // Delete a blob.
     assert_eq!(
-        reg.req(Method::DELETE, &format!("/v2/app/blobs/{cfg}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::DELETE, &format!("/v2/app/blobs/{cfg}"))
+            .await,
         StatusCode::ACCEPTED
     );
-    let (s, c) = error_code(
-        reg.req(Method::DELETE, &format!("/v2/app/blobs/{cfg}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg
+        .error(Method::DELETE, &format!("/v2/app/blobs/{cfg}"))
+        .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
 }
 
@@ -867,13 +798,7 @@ async fn referrers_with_subject_and_artifact_type_filter() {
         .await
         .unwrap();
     assert_eq!(v["manifests"], json!([]));
-    let (s, c) = error_code(
-        reg.req(Method::GET, "/v2/sig/referrers/sha256:xyz")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, c) = reg.error(Method::GET, "/v2/sig/referrers/sha256:xyz").await;
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
 }
 
@@ -895,11 +820,7 @@ async fn cross_repository_mount() {
         format!("/v2/dst/blobs/{d}").as_str()
     );
     assert_eq!(
-        reg.req(Method::GET, &format!("/v2/dst/blobs/{d}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, &format!("/v2/dst/blobs/{d}")).await,
         StatusCode::OK
     );
     // Unknown blob: falls back to an upload session.
@@ -949,19 +870,11 @@ async fn size_limits_and_too_many_uploads() {
         (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID")
     );
     assert_eq!(
-        reg.req(Method::POST, "/v2/big/blobs/uploads/")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::POST, "/v2/big/blobs/uploads/").await,
         StatusCode::ACCEPTED
     );
     assert_eq!(
-        reg.req(Method::POST, "/v2/big/blobs/uploads/")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::POST, "/v2/big/blobs/uploads/").await,
         StatusCode::ACCEPTED
     );
     let r = reg
@@ -1041,11 +954,7 @@ async fn basic_and_bearer_auth() {
         StatusCode::OK
     );
     assert_eq!(
-        reg.req(Method::GET, "/token")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, "/token").await,
         StatusCode::UNAUTHORIZED
     );
 
@@ -1073,11 +982,8 @@ async fn gc_removes_only_unreferenced_blobs() {
     let report = ferry_registry::gc(&root, std::time::Duration::ZERO).unwrap();
     assert_eq!(report.blobs_deleted, 1);
     assert_eq!(
-        reg.req(Method::GET, &format!("/v2/keep/blobs/{orphan}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, &format!("/v2/keep/blobs/{orphan}"))
+            .await,
         StatusCode::NOT_FOUND
     );
     let r = reg
@@ -1090,11 +996,8 @@ async fn gc_removes_only_unreferenced_blobs() {
     let young = reg.push_blob("keep", b"young").await;
     ferry_registry::gc(&root, std::time::Duration::from_secs(3600)).unwrap();
     assert_eq!(
-        reg.req(Method::GET, &format!("/v2/keep/blobs/{young}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        reg.status(Method::GET, &format!("/v2/keep/blobs/{young}"))
+            .await,
         StatusCode::OK
     );
 }
