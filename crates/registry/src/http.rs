@@ -14,7 +14,7 @@ use ferry_oci::{Algorithm, Descriptor, Digest, Hasher, Manifest, media};
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use std::collections::HashMap;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{SeekFrom, Write};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -821,7 +821,7 @@ async fn start_upload(state: &Arc<State>, name: &str, req: Request) -> Result<Re
         let d = parse_digest(d)?;
         let mut s = session.lock().await;
         let r = async {
-            append(state, &id, &mut s, req.into_body()).await?;
+            append(state, &id, &mut s, req.into_body(), None).await?;
             commit(state, name, &id, &mut s, &d).await
         }
         .await;
@@ -917,24 +917,8 @@ fn check_chunk_start(
 async fn patch_upload(state: &Arc<State>, name: &str, id: &str, req: Request) -> Result<Response> {
     let s = session(state, name, id)?;
     let mut s = s.lock().await;
-    let before = s.size;
-    let range = check_chunk_start(req.headers(), before, name, id)?;
-    let saved = s.hasher.clone();
-    append(state, id, &mut s, req.into_body()).await?;
-    if let Some((a, b)) = range
-        && s.size - before != b - a + 1
-    {
-        let written = s.size - before;
-        truncate(state, id, &mut s, before).await?;
-        s.hasher = saved;
-        return Err(Error::new(
-            Code::RangeInvalid,
-            format!(
-                "Content-Range {a}-{b} announces {} bytes but the body had {written}",
-                b - a + 1
-            ),
-        ));
-    }
+    let range = check_chunk_start(req.headers(), s.size, name, id)?;
+    append(state, id, &mut s, req.into_body(), range).await?;
     Ok(upload_accepted(name, id, s.size))
 }
 
@@ -953,7 +937,7 @@ async fn put_upload(state: &Arc<State>, name: &str, id: &str, req: Request) -> R
     let mut s = s.lock().await;
     let size = s.size;
     check_chunk_start(req.headers(), size, name, id)?;
-    append(state, id, &mut s, req.into_body()).await?;
+    append(state, id, &mut s, req.into_body(), None).await?;
     match commit(state, name, id, &mut s, &digest).await {
         Ok(()) => {
             drop(s);
@@ -981,11 +965,30 @@ async fn cancel_upload(state: &Arc<State>, name: &str, id: &str) -> Result<Respo
 
 /// Appends a request body to the upload's file, hashing as it goes; writes and hashing happen
 /// off the async threads in pieces of [`WRITE_CHUNK`]. On a failed body the file is cut back to
-/// what it held before, so a retried chunk starts clean.
-async fn append(state: &Arc<State>, id: &str, s: &mut Session, body: Body) -> Result<()> {
+/// what it held before, so a retried chunk starts clean. `announced` is the chunk's
+/// Content-Range: a body of another length is refused (416) and rolled back the same way.
+async fn append(
+    state: &Arc<State>,
+    id: &str,
+    s: &mut Session,
+    body: Body,
+    announced: Option<(u64, u64)>,
+) -> Result<()> {
     let before = s.size;
     let hasher_before = s.hasher.clone();
-    let result = append_inner(state, id, s, body).await;
+    let mut result = append_inner(state, id, s, body).await;
+    if let (Ok(()), Some((a, b))) = (&result, announced)
+        && s.size - before != b - a + 1
+    {
+        result = Err(Error::new(
+            Code::RangeInvalid,
+            format!(
+                "Content-Range {a}-{b} announces {} bytes but the body had {}",
+                b - a + 1,
+                s.size - before
+            ),
+        ));
+    }
     if result.is_err() {
         truncate(state, id, s, before).await?;
         s.hasher = hasher_before;
@@ -1048,16 +1051,16 @@ async fn append_inner(state: &Arc<State>, id: &str, s: &mut Session, body: Body)
 async fn truncate(state: &Arc<State>, id: &str, s: &mut Session, len: u64) -> Result<()> {
     let p = state.store.upload_data(id);
     blocking(move || {
-        let f = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .open(&p)
-            .map_err(|e| Error::new(Code::Internal, e.to_string()))?;
-        f.set_len(len)
-            .map_err(|e| Error::new(Code::Internal, e.to_string()))?;
-        let mut f = f;
-        f.seek(SeekFrom::End(0))
-            .map_err(|e| Error::new(Code::Internal, e.to_string()))?;
-        Ok(())
+            .and_then(|f| f.set_len(len))
+            .map_err(|e| {
+                Error::new(
+                    Code::Internal,
+                    format!("cutting upload {} back to {len} bytes: {e}", p.display()),
+                )
+            })
     })
     .await?;
     s.size = len;
