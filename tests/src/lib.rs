@@ -226,6 +226,23 @@ impl TestCluster {
     }
 }
 
+/// The `ferry` binary of this build (cargo builds it beside the test binaries for the ferry
+/// crate's own integration tests): tests drive the CLI through it.
+pub fn ferry_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/ferry
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("ferry"))
+        .context("locating the target dir")?;
+    anyhow::ensure!(
+        bin.exists(),
+        "{bin:?} is missing: build it first (`cargo build -p ferry`, or run scripts/test)"
+    );
+    Ok(bin)
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -1,20 +1,32 @@
 //! The node's own HTTP API, which control proxies to: instance logs (whole or followed) and
-//! exec. It binds to loopback in `ferry server`.
+//! exec, buffered (`POST .../exec`, JSON) or interactive (`GET .../exec`, a WebSocket speaking
+//! [`ferry_api::exec`], with or without a TTY). It binds to loopback in `ferry server`.
 
 use crate::Agent;
+use crate::sandbox;
 use axum::Json;
 use axum::body::Body;
+use axum::extract::RawQuery;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use ferry_api::exec::{self, ExecParams, ExecStatus, WinSize};
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub fn router(agent: Agent) -> axum::Router {
     axum::Router::new()
         .route("/v1/instances/{id}/logs", get(logs))
-        .route("/v1/instances/{id}/exec", post(exec))
+        .route("/v1/instances/{id}/exec", post(exec).get(exec_stream))
         .with_state(agent)
 }
 
@@ -27,8 +39,26 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+fn no_instance(id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "instance_not_found",
+        format!("instance {id:?} is not running on this node"),
+    )
+}
+
+/// The 400 for a malformed instance id, if `id` is one.
+fn bad_id(id: &str) -> Option<Response> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+    (!ok).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_instance",
+            format!("instance id {id:?} is malformed"),
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -42,12 +72,8 @@ async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    if !valid_id(&id) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_instance",
-            format!("instance id {id:?} is malformed"),
-        );
+    if let Some(r) = bad_id(&id) {
+        return r;
     }
     if !agent.log_path(&id).exists() {
         return error(
@@ -110,12 +136,8 @@ async fn exec(
     Path(id): Path<String>,
     Json(req): Json<ExecRequest>,
 ) -> Response {
-    if !valid_id(&id) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_instance",
-            format!("instance id {id:?} is malformed"),
-        );
+    if let Some(r) = bad_id(&id) {
+        return r;
     }
     if req.argv.is_empty() || req.argv.iter().any(|a| a.contains('\0')) {
         return error(
@@ -132,11 +154,250 @@ async fn exec(
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
         .into_response(),
-        Err(crate::AgentError::NoInstance(i)) => error(
-            StatusCode::NOT_FOUND,
-            "instance_not_found",
-            format!("instance {i:?} is not running on this node"),
-        ),
+        Err(crate::AgentError::NoInstance(i)) => no_instance(&i),
         Err(e) => error(StatusCode::BAD_GATEWAY, "exec_failed", e.to_string()),
     }
+}
+
+/// The agent's side of an exec that has not been waited for yet: dropped early (the client
+/// left before or during the upgrade), it kills the command and reaps the helper.
+struct Running {
+    child: Option<sandbox::ExecChild>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            child.kill();
+            let pid = child.pid;
+            drop(child);
+            std::thread::spawn(move || sandbox::wait_exec(pid));
+        }
+    }
+}
+
+/// `GET /v1/instances/{id}/exec?command=..&tty=..&stdin=..&rows=..&cols=..`: upgrades to a
+/// WebSocket carrying the command's stdio (see [`ferry_api::exec`]). The command starts
+/// before the upgrade, so an unknown instance or a command that cannot start is an HTTP error.
+async fn exec_stream(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Some(r) = bad_id(&id) {
+        return r;
+    }
+    let pairs: Vec<(String, String)> =
+        match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
+            Ok(p) => p,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("exec query: {e}"),
+                );
+            }
+        };
+    let params = match ExecParams::from_pairs(pairs) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_command", e.to_string()),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return error(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                format!("an interactive exec is a WebSocket ({e}); POST runs a buffered one"),
+            );
+        }
+    };
+    let stdio = if params.tty {
+        let size = params.size.unwrap_or(WinSize { rows: 24, cols: 80 });
+        sandbox::ExecStdio::Tty(sandbox::WinSize {
+            rows: size.rows,
+            cols: size.cols,
+        })
+    } else {
+        sandbox::ExecStdio::Pipes {
+            stdin: params.stdin,
+        }
+    };
+    let child = match agent.spawn_exec(&id, params.command, stdio).await {
+        Ok(c) => c,
+        Err(crate::AgentError::NoInstance(i)) => return no_instance(&i),
+        Err(e) => return error(StatusCode::BAD_GATEWAY, "exec_failed", e.to_string()),
+    };
+    let running = Running { child: Some(child) };
+    ws.on_upgrade(move |socket| pump(socket, running, params.tty))
+}
+
+/// Sets `O_NONBLOCK` on `fd`, as tokio's pipe types require.
+fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd we own, with integer arguments.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Copies what the command writes on `fd` into frames of `channel` until EOF (a pty says EIO
+/// once every terminal side is closed).
+fn forward(
+    fd: OwnedFd,
+    channel: u8,
+    tx: mpsc::Sender<Message>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    nonblocking(&fd)?;
+    let mut r = pipe::Receiver::from_owned_fd_unchecked(fd)?;
+    Ok(tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            let m = Message::Binary(exec::frame(channel, &buf[..n]).into());
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+/// After the command ends, output still in flight is sent for at most this long (a process
+/// the command left in the background may hold its stdout open).
+const DRAIN: Duration = Duration::from_secs(1);
+
+async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
+    let Some(child) = running.child.take() else {
+        return;
+    };
+    let (mut sink, mut stream) = socket.split();
+    let pid = child.pid;
+    let sandbox::ExecChild {
+        stdin,
+        stdout,
+        stderr,
+        pty,
+        ..
+    } = child;
+    // Until the wait below is running, a drop kills and reaps.
+    let (tx, mut rx) = mpsc::channel::<Message>(16);
+    let mut readers = Vec::new();
+    let mut setup_error = None;
+    for (fd, ch) in [(Some(stdout), exec::STDOUT), (stderr, exec::STDERR)] {
+        if let Some(fd) = fd {
+            match forward(fd, ch, tx.clone()) {
+                Ok(h) => readers.push(h),
+                Err(e) => setup_error = Some(e),
+            }
+        }
+    }
+    drop(tx);
+    let mut stdin = match stdin.map(|fd| {
+        nonblocking(&fd)?;
+        pipe::Sender::from_owned_fd_unchecked(fd)
+    }) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
+            setup_error = Some(e);
+            None
+        }
+        None => None,
+    };
+    let kill = sandbox::kill_exec;
+    if setup_error.is_some() {
+        kill(pid);
+    }
+    let wait = tokio::task::spawn_blocking(move || sandbox::wait_exec(pid));
+    tokio::pin!(wait);
+    let status = loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(b))) => match b.first().copied() {
+                    Some(exec::STDIN) => {
+                        if let Some(w) = &mut stdin
+                            && w.write_all(&b[1..]).await.is_err()
+                        {
+                            stdin = None;
+                        }
+                    }
+                    Some(exec::RESIZE) => {
+                        if let (Some(pty), Ok(size)) =
+                            (&pty, serde_json::from_slice::<WinSize>(&b[1..]))
+                        {
+                            let _ = sandbox::set_winsize(
+                                pty,
+                                sandbox::WinSize { rows: size.rows, cols: size.cols },
+                            );
+                        }
+                    }
+                    Some(exec::CLOSE) => {
+                        // A terminal has no EOF of its own: ^D at the start of a line is one.
+                        if tty && let Some(w) = &mut stdin {
+                            let _ = w.write_all(&[4]).await;
+                        }
+                        if !tty {
+                            stdin = None;
+                        }
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    // The client went away: so does the command.
+                    kill(pid);
+                    let _ = (&mut wait).await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+            },
+            Some(m) = rx.recv() => {
+                if sink.send(m).await.is_err() {
+                    kill(pid);
+                    let _ = (&mut wait).await;
+                    return;
+                }
+            }
+            status = &mut wait => break status,
+        }
+    };
+    // The command is gone: send what it wrote last, then how it ended.
+    drop(stdin);
+    drop(pty);
+    let _ = tokio::time::timeout(DRAIN, async {
+        while let Some(m) = rx.recv().await {
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    for r in readers {
+        r.abort();
+    }
+    let st = match status {
+        _ if setup_error.is_some() => ExecStatus {
+            error: setup_error.map(|e| format!("connecting the command's stdio: {e}")),
+            ..Default::default()
+        },
+        Ok(Ok((code, signal))) => ExecStatus {
+            code,
+            signal,
+            error: None,
+        },
+        Ok(Err(e)) => ExecStatus {
+            error: Some(format!("waiting for the command: {e}")),
+            ..Default::default()
+        },
+        Err(e) => ExecStatus {
+            error: Some(format!("waiting for the command: {e}")),
+            ..Default::default()
+        },
+    };
+    let body = serde_json::to_vec(&st).unwrap_or_default();
+    let _ = sink
+        .send(Message::Binary(exec::frame(exec::STATUS, &body).into()))
+        .await;
+    let _ = sink.send(Message::Close(None)).await;
 }

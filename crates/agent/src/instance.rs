@@ -28,16 +28,7 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
-/// What exec needs to join a running instance.
-#[derive(Debug, Clone)]
-pub(crate) struct ExecInfo {
-    pid: i32,
-    cgroup: Cgroup,
-    env: Vec<String>,
-    user: Option<String>,
-    workdir: Option<String>,
-    rootfs: PathBuf,
-}
+use crate::sandbox::ExecTarget as ExecInfo;
 
 /// The agent's grip on a running instance.
 pub(crate) struct Handle {
@@ -645,12 +636,12 @@ pub(crate) fn follow_log(
     rx
 }
 
-pub(crate) async fn exec(
+/// Runs `f` on a blocking thread with what exec needs to join instance `id`.
+async fn in_instance<T: Send + 'static>(
     shared: &Arc<Shared>,
     id: &str,
-    argv: Vec<String>,
-    stdin: Vec<u8>,
-) -> Result<ExecOutput, AgentError> {
+    f: impl FnOnce(ExecInfo) -> Result<T, crate::sandbox::SandboxError> + Send + 'static,
+) -> Result<T, AgentError> {
     let info = shared
         .instances
         .lock()
@@ -658,28 +649,40 @@ pub(crate) async fn exec(
         .get(id)
         .and_then(|h| h.exec.lock().unwrap().clone())
         .ok_or_else(|| AgentError::NoInstance(id.into()))?;
-    let id2 = id.to_string();
-    tokio::task::spawn_blocking(move || {
-        crate::sandbox::exec_in(
-            &info.pid,
-            &info.cgroup,
-            &info.env,
-            info.user.as_deref(),
-            info.workdir.as_deref(),
-            &info.rootfs,
-            &argv,
-            &stdin,
-        )
+    let failed = |message: String| AgentError::Exec {
+        instance: id.to_string(),
+        message,
+    };
+    tokio::task::spawn_blocking(move || f(info))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))
+}
+
+pub(crate) async fn exec(
+    shared: &Arc<Shared>,
+    id: &str,
+    argv: Vec<String>,
+    stdin: Vec<u8>,
+) -> Result<ExecOutput, AgentError> {
+    in_instance(shared, id, move |info| {
+        crate::sandbox::exec_in(&info, &argv, &stdin)
     })
     .await
-    .map_err(|e| AgentError::Exec {
-        instance: id2.clone(),
-        message: e.to_string(),
-    })?
-    .map_err(|e| AgentError::Exec {
-        instance: id2,
-        message: e.to_string(),
+}
+
+/// Starts `argv` in the instance `id` with stdio `stdio` and returns once it is exec'd: the
+/// agent's ends of its stdio for an interactive session.
+pub(crate) async fn spawn_exec(
+    shared: &Arc<Shared>,
+    id: &str,
+    argv: Vec<String>,
+    stdio: crate::sandbox::ExecStdio,
+) -> Result<crate::sandbox::ExecChild, AgentError> {
+    in_instance(shared, id, move |info| {
+        crate::sandbox::spawn_exec(&info, &argv, stdio)
     })
+    .await
 }
 
 #[cfg(test)]

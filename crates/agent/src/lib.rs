@@ -206,6 +206,15 @@ impl Agent {
         instance::follow_log(self.log_path(instance_id), from, stop)
     }
 
+    /// The running agent's state, for a call about `instance_id` (none before `run`).
+    fn running(&self, instance_id: &str) -> Result<Arc<Shared>, AgentError> {
+        self.shared
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| AgentError::NoInstance(instance_id.into()))
+    }
+
     /// Runs `argv` inside a running instance (its namespaces, cgroup and root), with the
     /// instance's env and user; collects stdout/stderr and the exit code.
     pub async fn exec(
@@ -214,13 +223,17 @@ impl Agent {
         argv: Vec<String>,
         stdin: Vec<u8>,
     ) -> Result<ExecOutput, AgentError> {
-        let shared = self
-            .shared
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or_else(|| AgentError::NoInstance(instance_id.into()))?;
-        instance::exec(&shared, instance_id, argv, stdin).await
+        instance::exec(&self.running(instance_id)?, instance_id, argv, stdin).await
+    }
+
+    /// Starts `argv` in a running instance for an interactive session (see [`http`]).
+    pub async fn spawn_exec(
+        &self,
+        instance_id: &str,
+        argv: Vec<String>,
+        stdio: sandbox::ExecStdio,
+    ) -> Result<sandbox::ExecChild, AgentError> {
+        instance::spawn_exec(&self.running(instance_id)?, instance_id, argv, stdio).await
     }
 
     /// Runs the agent until `shutdown`: executes commands, reports status changes and usage.

@@ -14,6 +14,7 @@ use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -749,21 +750,156 @@ fn finish_child(plan: &Plan, report: RawFd, stdin: Option<RawFd>, out: RawFd, er
     fail(report, STEP_EXEC, e)
 }
 
-/// Runs `argv` inside the sandbox whose init is `pid`: joins its ipc, uts, net, pid and mount
-/// namespaces and its cgroup, then drops privileges exactly like the sandbox itself.
-/// Collects stdout and stderr; returns the exit code or signal.
-#[allow(clippy::too_many_arguments)]
-pub fn exec_in(
-    pid: &libc::pid_t,
-    cgroup: &crate::cgroup::Cgroup,
-    env: &[String],
-    user: Option<&str>,
-    workdir: Option<&str>,
-    rootfs: &Path,
+/// What exec needs to join a running sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecTarget {
+    /// The sandbox's init, as the host sees it.
+    pub pid: libc::pid_t,
+    pub cgroup: crate::cgroup::Cgroup,
+    pub env: Vec<String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub rootfs: PathBuf,
+}
+
+/// A terminal's size, as `TIOCSWINSZ` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// How an exec'd process gets its stdio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStdio {
+    /// Three pipes; `stdin: false` connects stdin to /dev/null.
+    Pipes { stdin: bool },
+    /// A pseudo-terminal from the instance's own devpts as stdin, stdout and stderr, and the
+    /// controlling terminal of a new session.
+    Tty(WinSize),
+}
+
+/// An exec'd process that has passed exec: its host pid (a helper in the agent's pid
+/// namespace whose exit status is the command's) and the agent's ends of its stdio.
+pub struct ExecChild {
+    pub pid: libc::pid_t,
+    /// Where the command's stdin comes from (pipe or pty master); `None` for /dev/null.
+    pub stdin: Option<OwnedFd>,
+    /// Stdout, or everything the terminal prints with a TTY.
+    pub stdout: OwnedFd,
+    /// `None` with a TTY: stderr goes to the terminal.
+    pub stderr: Option<OwnedFd>,
+    /// The pty master, for resizes; `None` without a TTY.
+    pub pty: Option<OwnedFd>,
+}
+
+impl ExecChild {
+    /// Blocks until the command ends; (code, signal).
+    pub fn wait(&self) -> std::io::Result<(Option<i32>, Option<i32>)> {
+        wait_exec(self.pid)
+    }
+
+    /// SIGKILLs the command (the helper's child) and then the helper: for a client that went
+    /// away. Processes the command started stay until the instance stops, as with `docker exec`.
+    pub fn kill(&self) {
+        kill_exec(self.pid);
+    }
+}
+
+/// See [`ExecChild::kill`]; `pid` is the exec helper.
+pub fn kill_exec(pid: libc::pid_t) {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    if let Ok(list) = fs::read_to_string(path) {
+        for p in list.split_whitespace().filter_map(|p| p.parse().ok()) {
+            let _ = sys::kill(p, libc::SIGKILL);
+        }
+    }
+    let _ = sys::kill(pid, libc::SIGKILL);
+}
+
+/// Blocks until the exec helper `pid` ends: (code, signal) of the command, which the helper
+/// passes on as its exit code (128 + the signal when a signal ended it).
+pub fn wait_exec(pid: libc::pid_t) -> std::io::Result<(Option<i32>, Option<i32>)> {
+    Ok(match wait(pid)? {
+        (Some(c), _) if c > 128 => (None, Some(c - 128)),
+        other => other,
+    })
+}
+
+/// Sets the window size of a pty (the master side).
+pub fn set_winsize(pty: &OwnedFd, size: WinSize) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize struct that lives across the call.
+    if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens a pty in the devpts instance of the sandbox whose init is `pid` (so `tty` inside
+/// names a /dev/pts entry the sandbox has), sized `size`, its terminal owned by `uid:gid`.
+/// Returns (master, terminal); both close-on-exec.
+fn open_pty(
+    pid: libc::pid_t,
+    size: WinSize,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+) -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let os = |what: &'static str| move |e: std::io::Error| SandboxError::Os { what, source: e };
+    let master = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(format!("/proc/{pid}/root/dev/pts/ptmx"))
+        .map_err(os("open the instance's /dev/pts/ptmx"))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int; TIOCGPTPEER returns a new fd for the terminal side.
+    let peer = unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) < 0 {
+            return Err(os("unlock pty")(std::io::Error::last_os_error()));
+        }
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if peer < 0 {
+        return Err(os("open pty peer")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: TIOCGPTPEER returned a new fd nobody else owns.
+    let peer = unsafe { OwnedFd::from_raw_fd(peer) };
+    // SAFETY: fchown on an fd we own.
+    if unsafe { libc::fchown(peer.as_raw_fd(), uid, gid) } < 0 {
+        return Err(os("chown pty")(std::io::Error::last_os_error()));
+    }
+    let master = OwnedFd::from(master);
+    set_winsize(&master, size).map_err(os("size pty"))?;
+    Ok((master, peer))
+}
+
+/// Starts `argv` inside the sandbox whose init is `pid`: joins its ipc, uts, net, pid and
+/// mount namespaces and its cgroup, then drops privileges exactly like the sandbox itself.
+/// Returns once the command is exec'd (or with the step that failed).
+pub fn spawn_exec(
+    target: &ExecTarget,
     argv: &[String],
-    stdin: &[u8],
-) -> Result<crate::ExecOutput, SandboxError> {
-    let pid = *pid;
+    stdio: ExecStdio,
+) -> Result<ExecChild, SandboxError> {
+    let ExecTarget {
+        pid,
+        cgroup,
+        env,
+        user,
+        workdir,
+        rootfs,
+    } = target;
+    let (pid, user, workdir) = (*pid, user.as_deref(), workdir.as_deref());
     let (uid, gid) = resolve_user(rootfs, user)?;
     let argv0 = argv.first().ok_or(SandboxError::NoCommand)?;
     let exec_path = find_executable(rootfs, argv0, env)?;
@@ -797,12 +933,41 @@ pub fn exec_in(
     }
     let (report_r, report_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
-    let (in_r, in_w) = pipe()?;
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let mut keep: Vec<RawFd> = [&report_w, &go_r, &in_r, &out_w, &err_w]
+    // The child's stdin, stdout and stderr (None: /dev/null), and the agent's ends.
+    let (child_in, child_out, child_err, ours_in, ours_out, ours_err, pty, tty) = match stdio {
+        ExecStdio::Tty(size) => {
+            let (master, term) = open_pty(pid, size, uid, gid)?;
+            let dup = |f: &OwnedFd| f.try_clone().map_err(os("dup pty"));
+            let (t_out, t_err) = (dup(&term)?, dup(&term)?);
+            let (m_in, m_out) = (dup(&master)?, dup(&master)?);
+            (
+                Some(term),
+                t_out,
+                t_err,
+                Some(m_in),
+                m_out,
+                None,
+                Some(master),
+                true,
+            )
+        }
+        ExecStdio::Pipes { stdin } => {
+            let (in_r, in_w) = if stdin {
+                let (r, w) = pipe()?;
+                (Some(r), Some(w))
+            } else {
+                (None, None)
+            };
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            (in_r, out_w, err_w, in_w, out_r, Some(err_r), None, false)
+        }
+    };
+    let in_fd = child_in.as_ref().map(|f| f.as_raw_fd());
+    let mut keep: Vec<RawFd> = [&report_w, &go_r, &child_out, &child_err]
         .iter()
         .map(|f| f.as_raw_fd())
+        .chain(in_fd)
         .chain(ns.iter().map(|(f, _)| f.as_raw_fd()))
         .collect();
     keep.sort_unstable();
@@ -831,20 +996,32 @@ pub fn exec_in(
         // A second fork: only children enter the joined pid namespace.
         // SAFETY: as above.
         match unsafe { sys::clone_fork(0) } {
-            Ok(0) => finish_child(
-                &plan,
-                report,
-                Some(in_r.as_raw_fd()),
-                out_w.as_raw_fd(),
-                err_w.as_raw_fd(),
-            ),
+            Ok(0) => {
+                if tty {
+                    // A session of its own with the pty as its controlling terminal, so job
+                    // control and ^C reach the command.
+                    let term = in_fd.unwrap_or(-1);
+                    if let Err(e) = sys::setsid().and_then(|()| sys::set_ctty(term)) {
+                        fail(report, STEP_STDIO, e);
+                    }
+                }
+                finish_child(
+                    &plan,
+                    report,
+                    in_fd,
+                    child_out.as_raw_fd(),
+                    child_err.as_raw_fd(),
+                )
+            }
             Ok(grandchild) => {
-                // SAFETY: closing our copies so the parent sees EOF when the grandchild ends.
+                // SAFETY: closing our copies so the agent sees EOF when the grandchild ends.
                 unsafe {
                     libc::close(report);
-                    libc::close(out_w.as_raw_fd());
-                    libc::close(err_w.as_raw_fd());
-                    libc::close(in_r.as_raw_fd());
+                    libc::close(child_out.as_raw_fd());
+                    libc::close(child_err.as_raw_fd());
+                    if let Some(fd) = in_fd {
+                        libc::close(fd);
+                    }
                 }
                 let mut status = 0;
                 loop {
@@ -866,7 +1043,7 @@ pub fn exec_in(
             Err(e) => fail(report, STEP_EXEC, e),
         }
     }
-    drop((report_w, go_r, in_r, out_w, err_w));
+    drop((report_w, go_r, child_in, child_out, child_err));
     let kill_child = |e: SandboxError| {
         let _ = sys::kill(child, libc::SIGKILL);
         let _ = wait(child);
@@ -885,38 +1062,69 @@ pub fn exec_in(
         })
     })?;
     drop(go_w);
-    let input = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let mut f = fs::File::from(in_w);
-        let _ = std::io::Write::write_all(&mut f, &input);
-    });
-    let read_all = |fd: OwnedFd| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut fs::File::from(fd), &mut v);
-            v
-        })
-    };
-    let out_t = read_all(out_r);
-    let err_t = read_all(err_r);
+    // EOF once the command is exec'd (the report end is close-on-exec) or failed.
     let mut rep = Vec::new();
     let _ = std::io::Read::read_to_end(&mut fs::File::from(report_r), &mut rep);
-    let stdout = out_t.join().unwrap_or_default();
-    let stderr = err_t.join().unwrap_or_default();
-    let _ = writer.join();
-    let (code, _) = wait(child).map_err(os("wait for exec"))?;
     if rep.len() >= 8 {
         let step = u32::from_ne_bytes(rep[..4].try_into().expect("4 bytes"));
         let errno = i32::from_ne_bytes(rep[4..8].try_into().expect("4 bytes"));
+        let _ = wait(child);
         return Err(SandboxError::Child {
             step: step_name(step, &[]),
             source: std::io::Error::from_raw_os_error(errno),
         });
     }
-    let (code, signal) = match code {
-        Some(c) if c > 128 => (None, Some(c - 128)),
-        c => (c, None),
+    Ok(ExecChild {
+        pid: child,
+        stdin: ours_in,
+        stdout: ours_out,
+        stderr: ours_err,
+        pty,
+    })
+}
+
+/// Runs `argv` inside the sandbox whose init is `pid` (see [`spawn_exec`]) with `stdin` as
+/// its input; collects stdout and stderr; returns the exit code or signal.
+pub fn exec_in(
+    target: &ExecTarget,
+    argv: &[String],
+    stdin: &[u8],
+) -> Result<crate::ExecOutput, SandboxError> {
+    let child = spawn_exec(target, argv, ExecStdio::Pipes { stdin: true })?;
+    let ExecChild {
+        pid,
+        stdin: in_w,
+        stdout,
+        stderr,
+        pty,
+    } = child;
+    let input = stdin.to_vec();
+    // The writer owns the only write end: the command sees EOF when it is done.
+    let writer = std::thread::spawn(move || {
+        if let Some(fd) = in_w {
+            let _ = std::io::Write::write_all(&mut fs::File::from(fd), &input);
+        }
+    });
+    let read_all = |fd: Option<OwnedFd>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(fd) = fd {
+                let _ = std::io::Read::read_to_end(&mut fs::File::from(fd), &mut v);
+            }
+            v
+        })
     };
+    let out_t = read_all(Some(stdout));
+    let err_t = read_all(stderr);
+    let status = wait_exec(pid);
+    drop(pty);
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let _ = writer.join();
+    let (code, signal) = status.map_err(|e| SandboxError::Os {
+        what: "wait for exec",
+        source: e,
+    })?;
     Ok(crate::ExecOutput {
         code,
         signal,

@@ -316,6 +316,18 @@ pub unsafe fn clone_fork(flags: libc::c_int) -> SysResult<libc::pid_t> {
     }
 }
 
+/// A new session with the caller as its leader (and no controlling terminal yet).
+pub fn setsid() -> SysResult {
+    // SAFETY: plain syscall without arguments.
+    check(unsafe { libc::setsid() })
+}
+
+/// Makes the terminal `fd` the controlling terminal of the caller's session.
+pub fn set_ctty(fd: RawFd) -> SysResult {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal from another session).
+    check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) })
+}
+
 pub fn setns(fd: RawFd, nstype: libc::c_int) -> SysResult {
     // SAFETY: setns on an fd; a bad fd yields EBADF.
     check(unsafe { libc::setns(fd, nstype) })

@@ -5,9 +5,10 @@
 //!
 //! Entry points: [`quantity`] (CPU and memory strings), [`name`] (service and revision names),
 //! [`image_ref`] (image references), [`agent`] (control ↔ agent messages), [`gateway`]
-//! (control ↔ gateway messages).
+//! (control ↔ gateway messages), [`exec`] (the interactive exec stream).
 
 pub mod agent;
+pub mod exec;
 pub mod gateway;
 pub mod image_ref;
 pub mod name;

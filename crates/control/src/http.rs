@@ -1,5 +1,7 @@
 //! The public `/v1` API. Errors are `{code, message, request_id}` with the right status.
 
+mod exec;
+
 use crate::Control;
 use crate::state::now_ms;
 use crate::store::{RevisionRecord, ServiceRecord};
@@ -67,7 +69,10 @@ pub(crate) fn router(c: Arc<Control>) -> axum::Router {
         .route("/v1/services/{name}/traffic", put(set_traffic))
         .route("/v1/services/{name}/scale", put(scale))
         .route("/v1/services/{name}/logs", get(logs))
-        .route("/v1/services/{name}/exec", axum::routing::post(exec))
+        .route(
+            "/v1/services/{name}/exec",
+            axum::routing::post(exec).get(exec::exec_stream),
+        )
         .route("/v1/instances", get(instances))
         .route("/v1/nodes", get(nodes))
         .route("/v1/usage", get(usage))

@@ -2,6 +2,7 @@
 //! signals, and composes the service crates; all logic lives in those crates.
 
 mod billing;
+mod exec;
 mod image;
 mod registry_cmd;
 mod services;

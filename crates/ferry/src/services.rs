@@ -67,11 +67,18 @@ pub enum ServiceCommand {
         #[command(flatten)]
         api: Api,
     },
-    /// Run a command inside a running instance: `ferry exec hello -- ls /`. (No TTY yet.)
+    /// Run a command inside a running instance: `ferry exec hello -- ls /`, or a shell with
+    /// `ferry exec -it hello -- sh`.
     Exec {
         name: String,
         #[arg(long)]
         instance: Option<String>,
+        /// Keep stdin open and stream it to the command (and its output as it comes).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (raw mode locally when stdin is one).
+        #[arg(short, long)]
+        tty: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -329,9 +336,17 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
         ServiceCommand::Exec {
             name,
             instance,
+            interactive,
+            tty,
             argv,
             api,
         } => {
+            if interactive || tty {
+                let code =
+                    crate::exec::interactive(&api.api, &name, instance, argv, interactive, tty)
+                        .await?;
+                std::process::exit(code);
+            }
             let c = Client::new(&api);
             let mut stdin = String::new();
             if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {

@@ -22,6 +22,10 @@
 //! `/probe/ready` `/probe/live` `/probe/fail[?probe=ready|live]` `/try?op=...[&pid=P]`
 //! `/forkbomb?n=N` `/metrics` `/metrics/set?value=X`.
 //!
+//! `testapp tty-probe` is not a server but a line tool for exec tests: it prints whether its
+//! stdin and stdout are terminals and the window size, then answers each input line (`size`,
+//! `exit N`, anything else echoed as `got: ...`) and prints `eof` at the end of its input.
+//!
 //! `/try?op=mount|ptrace|raw_socket|module|cgroup_write|chroot|sethostname` answers
 //! `{op, ok, errno, error, detail}`; each attempt undoes itself when it succeeds (see `ops`).
 //! `module` calls init_module with an empty image, which never loads: EPERM means refused,
@@ -94,6 +98,9 @@ fn main() -> std::process::ExitCode {
     if args.get(1).map(String::as_str) == Some(ops::SLEEP_CHILD_ARG) {
         std::thread::sleep(Duration::from_secs(3600));
         return std::process::ExitCode::SUCCESS;
+    }
+    if args.get(1).map(String::as_str) == Some(ops::TTY_PROBE_ARG) {
+        return ops::tty_probe();
     }
     let stdin = probe_stdin();
     if let Ok(code) = std::env::var("TESTAPP_CRASH_ON_START") {

@@ -10,6 +10,53 @@ use std::process::{Child, Command, Stdio};
 /// The argv[1] that makes the binary sleep instead of serving (children of `/forkbomb` and
 /// the default `/try?op=ptrace` target).
 pub const SLEEP_CHILD_ARG: &str = "--sleep-child";
+pub const TTY_PROBE_ARG: &str = "tty-probe";
+
+/// The window size of the terminal on stdin, as `ROWSxCOLS` (`none` without one).
+fn tty_size() -> String {
+    let mut ws = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into a local.
+    if unsafe { nix::libc::ioctl(0, nix::libc::TIOCGWINSZ, &mut ws) } == 0 {
+        format!("{}x{}", ws.ws_row, ws.ws_col)
+    } else {
+        "none".into()
+    }
+}
+
+/// `testapp tty-probe`: see the crate docs.
+pub fn tty_probe() -> std::process::ExitCode {
+    use std::io::{BufRead, IsTerminal, Write};
+    let mut out = std::io::stdout();
+    eprintln!("tty-probe: on stderr");
+    let _ = writeln!(
+        out,
+        "isatty stdin={} stdout={} size={}",
+        std::io::stdin().is_terminal(),
+        out.is_terminal(),
+        tty_size()
+    );
+    let _ = out.flush();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim_end_matches('\r');
+        if line == "size" {
+            let _ = writeln!(out, "size={}", tty_size());
+        } else if let Some(code) = line.strip_prefix("exit ") {
+            let _ = out.flush();
+            return std::process::ExitCode::from(code.trim().parse::<u8>().unwrap_or(1));
+        } else {
+            let _ = writeln!(out, "got: {line}");
+        }
+        let _ = out.flush();
+    }
+    let _ = writeln!(out, "eof");
+    std::process::ExitCode::SUCCESS
+}
 
 pub const OPS: [&str; 7] = [
     "mount",
