@@ -138,8 +138,20 @@ pub fn instance_rel(name: &str) -> PathBuf {
 }
 
 impl Cgroup {
-    /// Creates `ferry/<name>` in every controller and applies `limits`.
+    /// Creates `ferry/<name>` in every controller and applies `limits`; on failure nothing
+    /// is left behind.
     pub fn create(h: &Hierarchy, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+        let cg = Cgroup::make(h, name)?;
+        if let Err(e) = cg.apply(limits) {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Creates `ferry/<name>` in every controller (v2: enabling cpu, memory and pids for the
+    /// subtree where the kernel offers them), without limits.
+    pub fn make(h: &Hierarchy, name: &str) -> Result<Cgroup, CgroupError> {
         let cg = Cgroup {
             hierarchy: h.clone(),
             rel: instance_rel(name),
@@ -154,28 +166,56 @@ impl Cgroup {
             Hierarchy::V2(root) => {
                 let parent = root.join("ferry");
                 fs::create_dir_all(&parent).map_err(err(&parent))?;
-                for (dir, what) in [
-                    (root.clone(), "+cpu +memory +pids"),
-                    (parent, "+cpu +memory +pids"),
-                ] {
-                    let f = dir.join("cgroup.subtree_control");
-                    // Already enabled is fine; missing controllers show up as write errors later.
-                    let _ = fs::write(&f, what);
+                for dir in [root.clone(), parent] {
+                    // One write per controller: a write naming one the kernel does not offer
+                    // here fails as a whole. What stays missing, `apply` reports by name.
+                    for c in ["+cpu", "+memory", "+pids"] {
+                        let _ = fs::write(dir.join("cgroup.subtree_control"), c);
+                    }
                 }
                 let d = root.join(&cg.rel);
                 fs::create_dir_all(&d).map_err(err(&d))?;
             }
         }
-        for (ctrl, file, value) in limit_writes(h, limits) {
-            let Some(dir) = cg.dir(&ctrl) else { continue };
+        Ok(cg)
+    }
+
+    /// Writes `limits`. A controller that is not there (not mounted on v1, not enabled for
+    /// the group on v2) is an error naming it: an instance never runs without its limits.
+    /// Only swap limits are optional (they need swap accounting or swap).
+    pub fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
+        for (ctrl, file, value) in limit_writes(&self.hierarchy, limits) {
+            let optional = file == "memory.memsw.limit_in_bytes" || file == "memory.swap.max";
+            let controller = if ctrl.is_empty() {
+                file.split('.').next().unwrap_or_default().to_string()
+            } else {
+                ctrl.clone()
+            };
+            let Some(dir) = self.dir(&ctrl) else {
+                return Err(CgroupError {
+                    path: self.rel.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("the {controller} controller is not mounted"),
+                    ),
+                });
+            };
             let p = dir.join(&file);
             if !p.exists() {
-                // memsw needs swap accounting; swap.max needs swap: both optional.
-                continue;
+                if optional {
+                    continue;
+                }
+                return Err(CgroupError {
+                    path: p,
+                    source: io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("the {controller} controller is not enabled for this group"),
+                    ),
+                });
             }
             fs::write(&p, &value).map_err(err(&p))?;
         }
-        Ok(cg)
+        Ok(())
     }
 
     /// An existing group (e.g. one left by an earlier run), by its path relative to the
