@@ -1,5 +1,6 @@
 //! `ferry server` killed with SIGKILL and started again on the same data dir converges: the
-//! desired state survives, what should run runs again, and what the killed run left is gone.
+//! desired state survives, what should run runs again, and what the killed run left is gone;
+//! metering across the kill loses and duplicates nothing.
 
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
@@ -23,7 +24,9 @@ impl Drop for Server {
     }
 }
 
-fn start(data: &Path) -> Result<(Server, serde_json::Value)> {
+/// Starts `ferry server` on `data` with its instances on `bridge`/`subnet` (one pair per
+/// test: the tests of this file run side by side).
+fn start(data: &Path, bridge: &str, subnet: &str) -> Result<(Server, serde_json::Value)> {
     let _ = std::fs::remove_file(data.join("addresses.json"));
     let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([
@@ -35,13 +38,7 @@ fn start(data: &Path) -> Result<(Server, serde_json::Value)> {
             "--registry-addr",
             "127.0.0.1:0",
         ])
-        .args([
-            "--bridge",
-            "frst0",
-            "--subnet",
-            "10.95.0.1/24",
-            "--data-dir",
-        ])
+        .args(["--bridge", bridge, "--subnet", subnet, "--data-dir"])
         .arg(data)
         .env("FERRY_LOG", "warn")
         .stdout(Stdio::null())
@@ -108,29 +105,20 @@ fn get(gateway: &str, host: &str, path: &str) -> Result<String> {
     Ok(out)
 }
 
-#[test]
-fn sigkill_then_restart_converges() -> Result<()> {
-    let testapp =
-        std::env::var("TESTAPP_STATIC_BIN").context("TESTAPP_STATIC_BIN: run scripts/test")?;
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let (server, a) = start(&data)?;
-    let (api, gw, reg) = (
-        a["api"].as_str().unwrap().to_string(),
-        a["gateway"].as_str().unwrap().to_string(),
-        a["registry"].as_str().unwrap().to_string(),
-    );
-    let archive = dir.path().join("app.tar");
+/// Builds the testapp image with the CLI, pushes it to the server's registry and deploys it
+/// as `name` with one instance kept running.
+fn push_and_deploy(api: &str, reg: &str, dir: &Path, testapp: &str, name: &str) -> Result<()> {
+    let archive = dir.join("app.tar");
     let archive_s = archive.display().to_string();
     ferry(
-        &api,
+        api,
         &[
             "image",
             "build",
             "-o",
             &archive_s,
             "--binary",
-            &testapp,
+            testapp,
             "--binary-path",
             "/testapp",
             "--tag",
@@ -138,7 +126,7 @@ fn sigkill_then_restart_converges() -> Result<()> {
         ],
     )?;
     ferry(
-        &api,
+        api,
         &[
             "image",
             "push",
@@ -147,10 +135,10 @@ fn sigkill_then_restart_converges() -> Result<()> {
         ],
     )?;
     ferry(
-        &api,
+        api,
         &[
             "deploy",
-            "keep",
+            name,
             "--image",
             &format!("{reg}/app:v1"),
             "--cpu",
@@ -161,6 +149,22 @@ fn sigkill_then_restart_converges() -> Result<()> {
             "1",
         ],
     )?;
+    Ok(())
+}
+
+#[test]
+fn sigkill_then_restart_converges() -> Result<()> {
+    let testapp =
+        std::env::var("TESTAPP_STATIC_BIN").context("TESTAPP_STATIC_BIN: run scripts/test")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (server, a) = start(&data, "frst0", "10.95.0.1/24")?;
+    let (api, gw, reg) = (
+        a["api"].as_str().unwrap().to_string(),
+        a["gateway"].as_str().unwrap().to_string(),
+        a["registry"].as_str().unwrap().to_string(),
+    );
+    push_and_deploy(&api, &reg, dir.path(), &testapp, "keep")?;
     let before = wait_ready(&api, "keep")?;
     let body = get(&gw, "keep.localhost", "/env")?;
     assert!(body.contains("\"K_SERVICE\":\"keep\""), "{body}");
@@ -177,7 +181,7 @@ fn sigkill_then_restart_converges() -> Result<()> {
         "the killed run left its instance behind, as a crash would"
     );
 
-    let (_server, a) = start(&data)?;
+    let (_server, a) = start(&data, "frst0", "10.95.0.1/24")?;
     let (api, gw) = (
         a["api"].as_str().unwrap().to_string(),
         a["gateway"].as_str().unwrap().to_string(),
@@ -196,5 +200,117 @@ fn sigkill_then_restart_converges() -> Result<()> {
     // The revision history survived too.
     let s = describe(&api, "keep")?;
     assert_eq!(s["latest_revision"], "keep-00001");
+    Ok(())
+}
+
+/// The usage events of `service`, as `GET /v1/usage/events` returns them.
+fn events(api: &str, service: &str) -> Result<Vec<serde_json::Value>> {
+    let body = get(api, "", &format!("/v1/usage/events?service={service}"))?;
+    let json = body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // Connection: close with a chunked body: take the JSON array between its brackets.
+    let (start, end) = (
+        json.find('[').context("events array")?,
+        json.rfind(']').context("events array")?,
+    );
+    Ok(serde_json::from_str(&json[start..=end])?)
+}
+
+fn requests(ev: &[serde_json::Value]) -> u64 {
+    ev.iter()
+        .filter(|e| e["kind"] == "requests")
+        .map(|e| e["count"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Polls `f` every 100 ms until it holds or `secs` pass.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f()? {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn sigkill_mid_metering_loses_and_duplicates_nothing() -> Result<()> {
+    const BEFORE: u64 = 20;
+    const AFTER: u64 = 15;
+    let testapp =
+        std::env::var("TESTAPP_STATIC_BIN").context("TESTAPP_STATIC_BIN: run scripts/test")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (mut server, a) = start(&data, "frst1", "10.95.1.1/24")?;
+    let s = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+    let (api, gw, reg) = (s("api"), s("gateway"), s("registry"));
+    push_and_deploy(&api, &reg, dir.path(), &testapp, "metered")?;
+    let first = wait_ready(&api, "metered")?;
+    for _ in 0..BEFORE {
+        get(&gw, "metered.localhost", "/")?;
+    }
+    // The gateway reports every second: once its counts are in the database, the kill comes
+    // with the instance running and its usage event open.
+    eventually(10, "the first requests to be metered", || {
+        Ok(requests(&events(&api, "metered")?) == BEFORE)
+    })?;
+    let open = events(&api, "metered")?;
+    let inst = |ev: &[serde_json::Value], id: &str| {
+        ev.iter()
+            .find(|e| e["kind"] == "instance" && e["instance"] == id)
+            .cloned()
+    };
+    let first_id = first["id"].as_str().context("instance id")?.to_string();
+    let e = inst(&open, &first_id).context("the running instance has a usage event")?;
+    assert!(e["stop_ms"].is_null(), "open while it runs: {e}");
+    let started = e["start_ms"].as_u64().context("start_ms")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = now_ms();
+    server.0.kill()?;
+    server.0.wait()?;
+
+    let (_server, a) = start(&data, "frst1", "10.95.1.1/24")?;
+    let s = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+    let (api, gw) = (s("api"), s("gateway"));
+    let second = wait_ready(&api, "metered")?;
+    for _ in 0..AFTER {
+        get(&gw, "metered.localhost", "/")?;
+    }
+    eventually(10, "the later requests to be metered", || {
+        Ok(requests(&events(&api, "metered")?) >= BEFORE + AFTER)
+    })?;
+    ferry(&api, &["delete", "metered"])?;
+    let second_id = second["id"].as_str().context("instance id")?.to_string();
+    eventually(15, "the second instance's event to close", || {
+        Ok(inst(&events(&api, "metered")?, &second_id).is_some_and(|e| !e["stop_ms"].is_null()))
+    })?;
+
+    let ev = events(&api, "metered")?;
+    // Nothing counted twice, nothing lost: every request that was answered is there once.
+    assert_eq!(requests(&ev), BEFORE + AFTER, "{ev:?}");
+    let mut ids: Vec<&str> = ev.iter().filter_map(|e| e["id"].as_str()).collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "event ids are unique: {ev:?}");
+    // One event per instance, both closed. The killed run's instance is billed up to when it
+    // was last seen alive: at most one sample interval (1 s) before the kill, and not after.
+    let instances: Vec<_> = ev.iter().filter(|e| e["kind"] == "instance").collect();
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    let e = inst(&ev, &first_id).context("first instance event")?;
+    assert_eq!(e["start_ms"].as_u64(), Some(started), "{e}");
+    let stop = e["stop_ms"]
+        .as_u64()
+        .context("the killed run's event was closed")?;
+    assert!(
+        stop <= killed_at && killed_at - stop <= 2_000,
+        "stop {stop}, killed at {killed_at}: {e}"
+    );
     Ok(())
 }
