@@ -78,6 +78,7 @@ pub(crate) fn router(c: Arc<Control>) -> axum::Router {
         .route("/v1/usage", get(usage))
         .route("/v1/usage/events", get(usage_events))
         .route("/v1/invoices/{month}", get(invoice))
+        .route("/v1/price", get(price))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(c)
 }
@@ -570,6 +571,55 @@ async fn invoice(
     Ok(Json(inv))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceQuery {
+    cpu: Option<String>,
+    memory: Option<String>,
+    hours: Option<String>,
+    requests: Option<String>,
+    egress: Option<String>,
+}
+
+/// `GET /v1/price?cpu=1&memory=2Gi&hours=100&requests=10M&egress=150GB`: what one instance of
+/// that size running for `hours` with that traffic costs under this server's price plan (the
+/// estimate of `ferry price`). Defaults: 1 vCPU, 512Mi, 730 hours (a month), no traffic.
+async fn price(
+    State(c): State<Arc<Control>>,
+    q: std::result::Result<Query<PriceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ferry_metering::Quote>> {
+    let bad = |m: String| err(StatusCode::BAD_REQUEST, "invalid_query", m);
+    let Query(q) = q.map_err(|e| {
+        bad(e
+            .body_text()
+            .replace("Failed to deserialize query string: ", "query: "))
+    })?;
+    let cpu: ferry_api::Cpu = q
+        .cpu
+        .as_deref()
+        .unwrap_or("1")
+        .parse()
+        .map_err(|e| bad(format!("cpu: {e}")))?;
+    let memory: ferry_api::Memory = q
+        .memory
+        .as_deref()
+        .unwrap_or("512Mi")
+        .parse()
+        .map_err(|e| bad(format!("memory: {e}")))?;
+    use ferry_metering::input;
+    let workload = ferry_metering::Workload {
+        cpu_millis: cpu.millis(),
+        memory_bytes: memory.bytes(),
+        duration_ms: input::parse_hours_ms(q.hours.as_deref().unwrap_or("730"))
+            .map_err(|e| bad(e.0))?,
+        requests: input::parse_count(q.requests.as_deref().unwrap_or("0")).map_err(|e| bad(e.0))?,
+        egress_bytes: input::parse_bytes(q.egress.as_deref().unwrap_or("0"))
+            .map_err(|e| bad(e.0))?,
+    };
+    let quote = ferry_metering::quote(&c.plan, &workload).map_err(rating_error)?;
+    Ok(Json(quote))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,6 +704,31 @@ mod tests {
                     "{method} {path}: status {status}, code {code:?}"
                 );
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn price_estimates_under_the_server_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = control(dir.path());
+        let (st, q) = get(&c, "/v1/price?cpu=1&memory=2Gi&hours=100&requests=10M").await;
+        assert_eq!(st, StatusCode::OK, "{q}");
+        assert_eq!(q["total"], "$21.50", "the seed's worked example: {q}");
+        assert_eq!(q["billable_ms"], 360_000_000u64);
+        let (st, q) = get(&c, "/v1/price").await;
+        assert_eq!(st, StatusCode::OK, "defaults: {q}");
+        for (uri, names) in [
+            ("/v1/price?hours=forever", "hours"),
+            ("/v1/price?requests=10Q", "requests"),
+            ("/v1/price?egress=5PB", "egress"),
+            ("/v1/price?cpu=lots", "cpu"),
+            ("/v1/price?memory=2Qi", "memory"),
+            ("/v1/price?gpus=1", "gpus"),
+        ] {
+            let (st, e) = get(&c, uri).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {e}");
+            assert_eq!(e["code"], "invalid_query");
+            assert!(e["message"].as_str().unwrap().contains(names), "{uri}: {e}");
         }
     }
 

@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ferry_api::{Cpu, Memory};
 use ferry_metering::{
-    Invoice, Month, PricePlan, UsageReport, Workload, parse_instant_ms, quote, render,
+    Invoice, Month, PricePlan, UsageReport, Workload, input, parse_instant_ms, quote, render,
 };
 use std::path::PathBuf;
 
@@ -221,123 +221,44 @@ async fn get_json<T: serde::de::DeserializeOwned>(api: &str, path: &str) -> anyh
     serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected answer"))
 }
 
-/// Splits a decimal like "2.5" into (digits as an integer, number of decimals).
-fn decimal(s: &str) -> Option<(u128, u32)> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if (int.is_empty() && frac.is_empty())
-        || s.ends_with('.')
-        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
-        || frac.len() > 9
-        || int.len() > 20
-    {
-        return None;
-    }
-    let digits: u128 = format!("{int}{frac}").parse().ok()?;
-    Some((digits, frac.len() as u32))
-}
-
-/// `--hours` → milliseconds, rounded up to a whole millisecond.
+/// `--hours` → milliseconds (see [`ferry_metering::input`]).
 pub fn parse_hours_ms(s: &str) -> anyhow::Result<u64> {
-    let (digits, scale) = decimal(s.trim())
-        .with_context(|| format!("--hours {s:?}: expected a number like \"100\" or \"0.5\""))?;
-    let ms = (digits * 3_600_000).div_ceil(10u128.pow(scale));
-    u64::try_from(ms)
-        .ok()
-        .filter(|ms| *ms <= 100 * 365 * 24 * 3_600_000)
-        .with_context(|| format!("--hours {s:?}: too large"))
+    input::parse_hours_ms(s).map_err(|e| anyhow::anyhow!("--{e}"))
 }
 
-fn scaled(s: &str, flag: &str, number: &str, mult: u128) -> anyhow::Result<u64> {
-    let (digits, scale) =
-        decimal(number).with_context(|| format!("{flag} {s:?}: expected a number"))?;
-    let value = digits * mult;
-    let den = 10u128.pow(scale);
-    if !value.is_multiple_of(den) {
-        bail!("{flag} {s:?}: not a whole number");
-    }
-    u64::try_from(value / den).with_context(|| format!("{flag} {s:?}: too large"))
-}
-
-/// `--requests` → a count: "10M", "2.5k", "1B", "1200".
+/// `--requests` → a count.
 pub fn parse_count(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let (number, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1_000),
-        Some((i, 'M')) => (&t[..i], 1_000_000),
-        Some((i, 'B' | 'G')) => (&t[..i], 1_000_000_000),
-        _ => (t, 1),
-    };
-    scaled(s, "--requests", number, mult)
+    input::parse_count(s).map_err(|e| anyhow::anyhow!("--{e}"))
 }
 
-/// `--egress` → bytes: decimal units (B, KB, MB, GB, TB; also k, M, G, T) or binary units
-/// (KiB, MiB, GiB, TiB; also Ki, Mi, Gi, Ti).
+/// `--egress` → bytes.
 pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let mult: u128 = match unit.trim() {
-        "" | "B" => 1,
-        "k" | "K" | "kB" | "KB" => 1_000,
-        "M" | "MB" => 1_000_000,
-        "G" | "GB" => 1_000_000_000,
-        "T" | "TB" => 1_000_000_000_000,
-        "Ki" | "KiB" => 1 << 10,
-        "Mi" | "MiB" => 1 << 20,
-        "Gi" | "GiB" => 1 << 30,
-        "Ti" | "TiB" => 1 << 40,
-        other => bail!(
-            "--egress {s:?}: unknown unit {other:?} (use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)"
-        ),
-    };
-    scaled(s, "--egress", number, mult)
+    input::parse_bytes(s).map_err(|e| anyhow::anyhow!("--{e}"))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn hours_parse_exactly() {
-        assert_eq!(parse_hours_ms("100").unwrap(), 360_000_000);
-        assert_eq!(parse_hours_ms("0.5").unwrap(), 1_800_000);
-        assert_eq!(
-            parse_hours_ms("0.0000001").unwrap(),
-            1,
-            "rounded up to a millisecond"
-        );
-        for bad in ["", "-1", "1h", "1.", "abc", "1e3"] {
-            assert!(
-                parse_hours_ms(bad)
-                    .unwrap_err()
-                    .to_string()
-                    .contains("--hours"),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn counts_and_bytes_parse() {
-        assert_eq!(parse_count("10M").unwrap(), 10_000_000);
-        assert_eq!(parse_count("2.5k").unwrap(), 2_500);
-        assert_eq!(parse_count("1B").unwrap(), 1_000_000_000);
-        assert_eq!(parse_count("0").unwrap(), 0);
+    fn errors_name_the_flag() {
         assert!(
-            parse_count("1.5")
+            parse_hours_ms("forever")
                 .unwrap_err()
                 .to_string()
-                .contains("not a whole number")
+                .starts_with("--hours")
         );
-        assert!(parse_count("10X").is_err());
-        assert_eq!(parse_bytes("150GB").unwrap(), 150_000_000_000);
-        assert_eq!(parse_bytes("150GiB").unwrap(), 150 << 30);
-        assert_eq!(parse_bytes("1.5G").unwrap(), 1_500_000_000);
-        assert_eq!(parse_bytes("42").unwrap(), 42);
-        let e = parse_bytes("3PB").unwrap_err().to_string();
-        assert!(e.contains("--egress") && e.contains("PB"), "{e}");
-        assert!(parse_bytes("GB").is_err());
+        assert!(
+            parse_count("10Q")
+                .unwrap_err()
+                .to_string()
+                .starts_with("--requests")
+        );
+        assert!(
+            parse_bytes("3PB")
+                .unwrap_err()
+                .to_string()
+                .starts_with("--egress")
+        );
+        assert_eq!(parse_count("10M").unwrap(), 10_000_000);
     }
 }

@@ -13,6 +13,7 @@
 //! docs/billing.md.
 
 pub mod event;
+pub mod input;
 pub mod money;
 pub mod plan;
 pub mod rate;
