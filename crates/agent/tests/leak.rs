@@ -1,4 +1,5 @@
-//! Leak test: start/stop cycles must leave nothing behind. After `FERRY_LEAK_CYCLES` cycles
+//! Leak test: start/stop cycles (every tenth with a buffered exec and a TTY exec session)
+//! must leave nothing behind. After `FERRY_LEAK_CYCLES` cycles
 //! (default 200; issue 7 asks for 1,000) the mounts under the data dir, the cgroups and veths
 //! of the test's instances, the instance dirs, the IPAM leases, the agent process's open fds,
 //! threads and child processes are back to the baseline taken after one warm-up cycle.
@@ -96,6 +97,48 @@ async fn cycle(node: &mut Node, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A cycle with execs while the instance runs: a buffered one, and a TTY session killed
+/// half-way, as when its client goes away.
+async fn cycle_with_exec(node: &mut Node, id: &str) -> Result<()> {
+    use ferry_agent::sandbox::{ExecStdio, WinSize};
+    node.start_ready(node.spec(id)).await?;
+    let out = node
+        .agent
+        .exec(
+            id,
+            vec!["/testapp".into(), "tty-probe".into()],
+            b"x\n".to_vec(),
+        )
+        .await?;
+    anyhow::ensure!(out.code == Some(0), "{out:?}");
+    let child = node
+        .agent
+        .spawn_exec(
+            id,
+            vec!["/testapp".into(), "tty-probe".into()],
+            ExecStdio::Tty(WinSize { rows: 24, cols: 80 }),
+        )
+        .await?;
+    let child = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut out = std::fs::File::from(child.stdout.try_clone()?);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("isatty stdin=true") {
+            let n = std::io::Read::read(&mut out, &mut buf)?;
+            anyhow::ensure!(n > 0, "EOF: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        child.kill();
+        child.wait()?;
+        Ok(child)
+    })
+    .await??;
+    drop(child);
+    let st = node.stop(id).await?;
+    anyhow::ensure!(st.state == InstanceState::Stopped, "{id}: {st:?}");
+    Ok(())
+}
+
 #[test]
 fn start_stop_cycles_leak_nothing() -> Result<()> {
     if testapp().is_none() || !is_root() {
@@ -142,7 +185,11 @@ fn start_stop_cycles_leak_nothing() -> Result<()> {
         let t = Instant::now();
         let mut peak = base;
         for i in 0..n {
-            cycle(&mut node, &format!("{prefix}{i}")).await?;
+            if i % 10 == 5 {
+                cycle_with_exec(&mut node, &format!("{prefix}{i}")).await?;
+            } else {
+                cycle(&mut node, &format!("{prefix}{i}")).await?;
+            }
             if i % 10 == 0 {
                 peak = peak.max(counts(&node, &prefix));
             }
