@@ -187,6 +187,38 @@ async fn exec_streams_with_and_without_a_tty() -> Result<()> {
         "{seen:?}"
     );
 
+    // Much more input than the pipes and queues hold, to a command that answers every line:
+    // input and output flow at once, neither waits for the other.
+    let ws = open(&c, "sh", &format!("{PROBE}&stdin=true")).await?;
+    let (mut tx, mut rx) = ws.split();
+    const LINES: usize = 4096;
+    let sender = tokio::spawn(async move {
+        let line = format!("{}\n", "x".repeat(999));
+        for _ in 0..LINES / 64 {
+            let chunk = line.repeat(64);
+            tx.send(Message::Binary(
+                exec::frame(exec::STDIN, chunk.as_bytes()).into(),
+            ))
+            .await?;
+        }
+        tx.send(Message::Binary(exec::frame(exec::CLOSE, &[0]).into()))
+            .await?;
+        anyhow::Ok(tx)
+    });
+    let mut seen = Seen::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.status.is_none() {
+        match tokio::time::timeout_at(deadline, rx.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => take(&mut seen, &b)?,
+            Ok(Some(Ok(_))) => {}
+            other => bail!("stream ended early: {other:?}; {} bytes", seen.stdout.len()),
+        }
+    }
+    let _tx = sender.await??;
+    assert_eq!(seen.stdout.matches("got: x").count(), LINES);
+    assert!(seen.stdout.ends_with("eof\n"));
+    assert_eq!(seen.status.as_ref().and_then(|s| s.code), Some(0));
+
     // Without stdin the command reads /dev/null: at EOF at once.
     let mut ws = open(&c, "sh", PROBE).await?;
     let mut seen = Seen::default();

@@ -312,49 +312,59 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
     }
     let wait = tokio::task::spawn_blocking(move || sandbox::wait_exec(pid));
     tokio::pin!(wait);
+    // Input runs on its own task: a command that does not read its stdin stalls only the
+    // client's frames (TCP pushes back), never the output going the other way.
+    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    let input = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let b = match msg {
+                Message::Binary(b) => b,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match b.first().copied() {
+                Some(exec::STDIN) => {
+                    if let Some(w) = &mut stdin
+                        && w.write_all(&b[1..]).await.is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+                Some(exec::RESIZE) => {
+                    if let (Some(pty), Ok(size)) =
+                        (&pty, serde_json::from_slice::<WinSize>(&b[1..]))
+                    {
+                        let size = sandbox::WinSize {
+                            rows: size.rows,
+                            cols: size.cols,
+                        };
+                        let _ = sandbox::set_winsize(pty, size);
+                    }
+                }
+                Some(exec::CLOSE) if tty => {
+                    // A terminal has no EOF of its own: ^D at the start of a line is one.
+                    if let Some(w) = &mut stdin {
+                        let _ = w.write_all(&[4]).await;
+                    }
+                }
+                Some(exec::CLOSE) => stdin = None,
+                _ => {}
+            }
+        }
+        let _ = gone_tx.send(());
+    });
     let status = loop {
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Binary(b))) => match b.first().copied() {
-                    Some(exec::STDIN) => {
-                        if let Some(w) = &mut stdin
-                            && w.write_all(&b[1..]).await.is_err()
-                        {
-                            stdin = None;
-                        }
-                    }
-                    Some(exec::RESIZE) => {
-                        if let (Some(pty), Ok(size)) =
-                            (&pty, serde_json::from_slice::<WinSize>(&b[1..]))
-                        {
-                            let _ = sandbox::set_winsize(
-                                pty,
-                                sandbox::WinSize { rows: size.rows, cols: size.cols },
-                            );
-                        }
-                    }
-                    Some(exec::CLOSE) => {
-                        // A terminal has no EOF of its own: ^D at the start of a line is one.
-                        if tty && let Some(w) = &mut stdin {
-                            let _ = w.write_all(&[4]).await;
-                        }
-                        if !tty {
-                            stdin = None;
-                        }
-                    }
-                    _ => {}
-                },
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                    // The client went away: so does the command.
-                    kill(pid);
-                    let _ = (&mut wait).await;
-                    return;
-                }
-                Some(Ok(_)) => {}
-            },
+            _ = &mut gone => {
+                // The client went away: so does the command.
+                kill(pid);
+                let _ = (&mut wait).await;
+                return;
+            }
             Some(m) = rx.recv() => {
                 if sink.send(m).await.is_err() {
                     kill(pid);
+                    input.abort();
                     let _ = (&mut wait).await;
                     return;
                 }
@@ -362,9 +372,9 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
             status = &mut wait => break status,
         }
     };
-    // The command is gone: send what it wrote last, then how it ended.
-    drop(stdin);
-    drop(pty);
+    // The command is gone: no more input (this drops our stdin and pty ends); send what it
+    // wrote last, then how it ended.
+    input.abort();
     let _ = tokio::time::timeout(DRAIN, async {
         while let Some(m) = rx.recv().await {
             if sink.send(m).await.is_err() {
