@@ -264,7 +264,8 @@ fn start_blocking(
         workdir: image.config.working_dir.clone(),
         user: image.config.user.clone(),
     };
-    let plan = sandbox::plan(&sspec).map_err(|e| e.to_string())?;
+    let mut plan = sandbox::plan(&sspec).map_err(|e| e.to_string())?;
+    plan.join_cgroup(&cg.dirs());
     let spawned = sandbox::spawn(&plan).map_err(|e| e.to_string())?;
     let pid = spawned.pid;
     let (exit_tx, exit_rx) = oneshot::channel();
@@ -302,7 +303,7 @@ fn start_blocking(
             rt.spawn(pump_log(rx, stream, log.clone()));
         }
     }
-    cg.add(pid).map_err(|e| fail(e.to_string()))?;
+    // The child joins its cgroup itself (see `Plan::join_cgroup`), overlapping this.
     let net = crate::net::setup_instance(&shared.config.net, id, pid, ip, spec.outbound_network)
         .map_err(|e| fail(e.to_string()))?;
     res.lock().unwrap().net = Some(net);

@@ -116,6 +116,20 @@ pub struct Plan {
     _env: Vec<CString>,
     env_ptrs: Vec<*const libc::c_char>,
     seccomp: Vec<seccompiler::BpfProgram>,
+    /// `cgroup.procs` files the child writes itself into first (see [`Plan::join_cgroup`]).
+    cgroup_procs: Vec<CString>,
+}
+
+impl Plan {
+    /// Has the child move itself into the group whose dirs are `dirs` (writing 0 to each
+    /// `cgroup.procs`) right after the clone, before its mounts and before it waits for the
+    /// agent. On v1 the first move after a quiet moment waits for an RCU grace period (8 ms
+    /// at the median on the CI VM, docs/agent.md); made by the child, that wait overlaps the
+    /// agent's network set-up instead of adding to it. The child is in the group before it
+    /// execs either way, and a failed move fails the start at that step.
+    pub fn join_cgroup(&mut self, dirs: &[PathBuf]) {
+        self.cgroup_procs = dirs.iter().map(|d| cpath(&d.join("cgroup.procs"))).collect();
+    }
 }
 
 // SAFETY: the raw pointers point into the CStrings owned by the same Plan (never mutated).
@@ -137,6 +151,7 @@ const STEP_CHDIR: u32 = 1012;
 const STEP_SECCOMP: u32 = 1013;
 const STEP_EXEC: u32 = 1014;
 const STEP_SIGNALS: u32 = 1015;
+const STEP_CGROUP: u32 = 1016;
 
 fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SandboxError> {
     CString::new(s.as_ref())
@@ -493,6 +508,7 @@ fn process_plan(
         env_ptrs: ptrs(&env),
         _env: env,
         seccomp: crate::seccomp::programs()?,
+        cgroup_procs: Vec::new(),
     })
 }
 
@@ -585,6 +601,7 @@ fn step_name(step: u32, ops: &[String]) -> String {
         STEP_SECCOMP => "install seccomp filter".into(),
         STEP_EXEC => "exec".into(),
         STEP_SIGNALS => "reset signals".into(),
+        STEP_CGROUP => "join the instance cgroup".into(),
         i => ops
             .get(i as usize)
             .cloned()
@@ -680,6 +697,10 @@ fn child_main(plan: &Plan, report: RawFd, go: RawFd, out: RawFd, err: RawFd) -> 
             fail(report, step, e);
         }
     };
+    // While the host's cgroupfs is still in reach (before pivot_root).
+    for procs in &plan.cgroup_procs {
+        ck(STEP_CGROUP, sys::write_file(procs, b"0"));
+    }
     ck(
         STEP_PRIVATE,
         sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None),

@@ -167,6 +167,19 @@ pub fn open_rdwr(p: &CStr) -> SysResult<RawFd> {
     if fd < 0 { Err(errno()) } else { Ok(fd) }
 }
 
+/// Writes `data` to the existing file `p` (one write; for cgroup and proc files).
+pub fn write_file(p: &CStr, data: &[u8]) -> SysResult {
+    // SAFETY: valid C string; the fd is closed below.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    let r = write_all(fd, data);
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    r
+}
+
 pub fn dup2(from: RawFd, to: RawFd) -> SysResult {
     // SAFETY: dup2 on fds; an invalid fd yields EBADF.
     check(unsafe { libc::dup2(from, to) })
