@@ -76,6 +76,7 @@ pub(crate) fn start_server(
     bridge: &str,
     subnet: &str,
 ) -> Result<Server> {
+    std::fs::create_dir_all(work)?;
     let data = work.join("data");
     let proc = Proc(
         Command::new(ferry)
@@ -187,13 +188,9 @@ fn nginx_version() -> String {
         .unwrap_or_else(|| "nginx".into())
 }
 
-pub fn gateway(ferry: &Path, testapp: &Path, runs: usize) -> Result<(String, Vec<Row>)> {
-    ensure_packages(&["wrk", "nginx-light"])?;
-    let work = tempfile::tempdir()?;
-    let w = work.path();
-    let server = start_server(ferry, testapp, w, "fbgw0", "10.98.0.1/24")?;
-    // One instance for the whole run, with a full core and no concurrency limit, so that every
-    // path ends at the same process and the instance is not what limits throughput.
+/// One instance for the whole run, with a full core and no concurrency limit, so that every
+/// path ends at the same process and the instance is not what limits throughput.
+fn deploy_gw(ferry: &Path, server: &Server) -> Result<SocketAddr> {
     ferry_cli(
         ferry,
         &server.api,
@@ -217,7 +214,31 @@ pub fn gateway(ferry: &Path, testapp: &Path, runs: usize) -> Result<(String, Vec
         ],
     )?;
     wait_http(server.gateway, "gw.localhost", "/", Duration::from_secs(30))?;
-    let instance = ready_instance(ferry, &server.api, "gw")?;
+    ready_instance(ferry, &server.api, "gw")
+}
+
+/// With `baseline`, a second `ferry server` of that binary (an earlier build) runs beside,
+/// with an instance of its own, and its gateway is measured in the same rotation: the
+/// before/after rows compare the two gateways.
+pub fn gateway(
+    ferry: &Path,
+    testapp: &Path,
+    runs: usize,
+    baseline: Option<&Path>,
+) -> Result<(String, Vec<Row>)> {
+    ensure_packages(&["wrk", "nginx-light"])?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let server = start_server(ferry, testapp, &w.join("current"), "fbgw0", "10.98.0.1/24")?;
+    let instance = deploy_gw(ferry, &server)?;
+    let before = match baseline {
+        Some(b) => {
+            let s = start_server(b, testapp, &w.join("baseline"), "fbgw1", "10.98.1.1/24")?;
+            deploy_gw(b, &s)?;
+            Some(s)
+        }
+        None => None,
+    };
     let nginx_port = free_port()?;
     let nginx_addr: SocketAddr = format!("127.0.0.1:{nginx_port}").parse()?;
     let nginx = start_nginx(&w.join("nginx"), nginx_port, instance)?;
@@ -225,22 +246,26 @@ pub fn gateway(ferry: &Path, testapp: &Path, runs: usize) -> Result<(String, Vec
     let script = w.join("summary.lua");
     std::fs::write(&script, WRK_LUA)?;
 
-    let targets = [
+    let mut targets = vec![
         ("gateway", server.gateway),
         ("direct", instance),
         ("nginx", nginx_addr),
     ];
+    if let Some(b) = &before {
+        targets.push(("gateway (baseline build)", b.gateway));
+    }
+    let nt = targets.len();
     // results[target][connections index] = one Wrk per run
-    let mut results: Vec<Vec<Vec<Wrk>>> = vec![vec![Vec::new(); CONNECTIONS.len()]; 3];
+    let mut results: Vec<Vec<Vec<Wrk>>> = vec![vec![Vec::new(); CONNECTIONS.len()]; nt];
     // Warm every path (connection pools, nginx workers, page cache) before measuring.
-    for (_, addr) in targets {
+    for &(_, addr) in &targets {
         wrk(&script, addr, "gw.localhost", 16, 1)?;
     }
     for r in 0..runs {
         for (ci, &c) in CONNECTIONS.iter().enumerate() {
             // Rotate which target goes first, so none always follows the same one.
-            for k in 0..3 {
-                let t = (k + r + ci) % 3;
+            for k in 0..nt {
+                let t = (k + r + ci) % nt;
                 let m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)?;
                 eprintln!(
                     "gateway run {r}: {} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
@@ -252,6 +277,7 @@ pub fn gateway(ferry: &Path, testapp: &Path, runs: usize) -> Result<(String, Vec
     }
     drop(nginx);
     drop(server);
+    drop(before);
 
     let med = |t: usize, ci: usize, f: fn(&Wrk) -> f64| {
         percentile(&sorted(results[t][ci].iter().map(f).collect()), 0.5)
@@ -290,13 +316,49 @@ pub fn gateway(ferry: &Path, testapp: &Path, runs: usize) -> Result<(String, Vec
             }
         }
     }
+    if baseline.is_some() {
+        let (bl, name) = (3, Some("baseline build's gateway".to_string()));
+        rows.push(Row {
+            metric: "p50 overhead over direct, 1 connection: this build vs the baseline build"
+                .into(),
+            unit: "ms".into(),
+            ferry: med(gw, 0, p50) - med(direct, 0, p50),
+            peer_name: name.clone(),
+            peer: Some(med(bl, 0, p50) - med(direct, 0, p50)),
+            goal: None,
+        });
+        for (ci, &c) in CONNECTIONS.iter().enumerate() {
+            for (what, f, unit) in [
+                ("latency p50", p50 as fn(&Wrk) -> f64, "ms"),
+                ("throughput", rps, "req/s"),
+            ] {
+                rows.push(Row {
+                    metric: format!("{what}, {c} connections: this build vs the baseline build"),
+                    unit: unit.into(),
+                    ferry: med(gw, ci, f),
+                    peer_name: name.clone(),
+                    peer: Some(med(bl, ci, f)),
+                    goal: None,
+                });
+            }
+            rows.push(Row {
+                metric: format!("baseline build: throughput, {c} connections"),
+                unit: "req/s".into(),
+                ferry: med(bl, ci, rps),
+                peer_name: nginx_name.clone(),
+                peer: Some(med(ngx, ci, rps)),
+                goal: None,
+            });
+        }
+    }
     if rows.iter().any(|r| r.ferry.is_nan()) {
         bail!("a measurement is missing");
     }
     Ok((
         format!(
-            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to that same instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance.",
-            nginx_name.as_deref().unwrap_or("nginx")
+            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to one instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance.{}",
+            nginx_name.as_deref().unwrap_or("nginx"),
+            baseline.map_or(String::new(), |b| format!(" A second `ferry server` built from an earlier tree ({}) runs beside it with its own identical instance; its gateway is a fourth path in the same rotation (the baseline rows).", b.display()))
         ),
         rows,
     ))

@@ -32,6 +32,10 @@ struct Cli {
     /// launch-rate: stop after this many running instances (if nothing failed before).
     #[arg(long, default_value_t = 3000, global = true)]
     launch_max: usize,
+    /// gateway: also measure the gateway of this `ferry` binary (an earlier build), in the
+    /// same run, for before/after rows.
+    #[arg(long, global = true)]
+    baseline_ferry: Option<PathBuf>,
     /// density: idle instances to reach, in steps of 100.
     #[arg(long, default_value_t = 500, global = true)]
     density_instances: usize,
@@ -233,7 +237,8 @@ fn main() -> Result<()> {
             print_and_save("cold-start", &how, rows)?;
         }
         if want(Suite::Gateway) {
-            let (how, rows) = gateway::gateway(&ferry, &testapp, cli.runs)?;
+            let (how, rows) =
+                gateway::gateway(&ferry, &testapp, cli.runs, cli.baseline_ferry.as_deref())?;
             print_and_save("gateway", &how, rows)?;
         }
         if want(Suite::LaunchRate) {
