@@ -25,6 +25,7 @@ use crate::Config;
 use crate::body::{GatewayBody, LimitedBody, ResponseBody, empty};
 use crate::error::ProxyError;
 use crate::headers;
+use crate::pool::{Pool, SendError};
 use crate::routing;
 use crate::state::{Admission, InflightGuard, RevState, Revisions, WaitGuard};
 
@@ -59,7 +60,9 @@ pub struct Shared {
     pub tunnels: TaskTracker,
     /// Cancelled when the drain deadline passes: open tunnels are cut.
     pub hard_stop: CancellationToken,
-    h1: Client<HttpConnector, GatewayBody>,
+    /// HTTP/1.1 (and upgrades) to instances.
+    pool: Pool,
+    /// h2c to instances whose route asks for it.
     h2c: Client<HttpConnector, GatewayBody>,
 }
 
@@ -68,9 +71,7 @@ impl Shared {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn.clone());
+        let pool = Pool::new(Duration::from_secs(5));
         let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .http2_only(true)
@@ -83,7 +84,7 @@ impl Shared {
             revs: Revisions::default(),
             tunnels: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
-            h1,
+            pool,
             h2c,
         }
     }
@@ -229,8 +230,20 @@ async fn proxy(
             &host_value,
             body.take().unwrap_or_else(empty),
         )?;
-        let client = if h2c { &shared.h2c } else { &shared.h1 };
-        match tokio::time::timeout_at(deadline, client.request(upstream)).await {
+        let sent = if h2c {
+            match tokio::time::timeout_at(deadline, shared.h2c.request(upstream)).await {
+                Ok(r) => Ok(r.map(|resp| (resp, None)).map_err(Upstream::H2c)),
+                Err(e) => Err(e),
+            }
+        } else {
+            match tokio::time::timeout_at(deadline, shared.pool.send(endpoint.address, upstream))
+                .await
+            {
+                Ok(r) => Ok(r.map(|(resp, l)| (resp, Some(l))).map_err(Upstream::H1)),
+                Err(e) => Err(e),
+            }
+        };
+        match sent {
             Ok(Ok(resp)) => break resp,
             Ok(Err(e)) => {
                 if exceeded.load(Ordering::SeqCst) {
@@ -240,15 +253,18 @@ async fn proxy(
                     retried = true;
                     let failed = endpoint.instance_id.clone();
                     if let Some((g, ep)) = rev.acquire(route, Admission::Retry, Some(&failed)) {
-                        warn!(instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(&e), "connect failed; retrying on another instance");
+                        warn!(instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(e.error()), "connect failed; retrying on another instance");
                         // Free the failed slot only after taking the new one.
                         guard = g;
                         endpoint = ep;
                         continue;
                     }
                 }
-                warn!(instance = %endpoint.instance_id, error = %crate::error::chain(&e), "upstream request failed");
-                return Err(ProxyError::upstream_unreachable(&endpoint.instance_id, &e));
+                warn!(instance = %endpoint.instance_id, error = %crate::error::chain(e.error()), "upstream request failed");
+                return Err(ProxyError::upstream_unreachable(
+                    &endpoint.instance_id,
+                    e.error(),
+                ));
             }
             Err(_) => {
                 return Err(ProxyError::upstream_timeout(
@@ -258,6 +274,7 @@ async fn proxy(
             }
         }
     };
+    let (resp, lease) = resp;
     rev.record_latency(start.elapsed().as_secs_f64() * 1000.0);
 
     let (mut rparts, rbody) = resp.into_parts();
@@ -282,6 +299,10 @@ async fn proxy(
         };
         let mut upstream_resp = Response::from_parts(rparts.clone(), rbody);
         let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+        // The connection now belongs to the tunnel.
+        if let Some(l) = lease {
+            l.discard();
+        }
         let stop = shared.hard_stop.clone();
         shared.tunnels.spawn(async move {
             tokio::select! {
@@ -292,8 +313,30 @@ async fn proxy(
         return Ok(Response::from_parts(rparts, empty()));
     }
 
-    let body = ResponseBody::new(rbody, rev.clone(), guard).boxed_unsync();
+    let body = ResponseBody::new(rbody, rev.clone(), guard, lease).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
+}
+
+/// A failed upstream call, from either client.
+enum Upstream {
+    H1(SendError),
+    H2c(hyper_util::client::legacy::Error),
+}
+
+impl Upstream {
+    fn is_connect(&self) -> bool {
+        match self {
+            Upstream::H1(e) => e.is_connect(),
+            Upstream::H2c(e) => e.is_connect(),
+        }
+    }
+
+    fn error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Upstream::H1(e) => e,
+            Upstream::H2c(e) => e,
+        }
+    }
 }
 
 fn revision_of<'a>(svc: &'a ServiceRoute, name: &str) -> Result<&'a RevisionRoute, ProxyError> {
@@ -318,12 +361,17 @@ fn build_upstream(
             format!("request target {:?}: {e}", parts.uri),
         )
     };
+    // h2c goes through a client that needs the absolute form; HTTP/1.1 goes out in origin form.
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(
-        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(endpoint.address.to_string()))
+    if h2c {
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                endpoint.address.to_string(),
+            ))
             .map_err(|e| bad(&e))?,
-    );
+        );
+    }
     uri.path_and_query = Some(
         parts
             .uri
