@@ -1,11 +1,15 @@
 //! ferry-bench: every performance figure side by side with a peer, from the same run.
 //!
 //! `cargo run -p ferry-bench --release -- all` (or one suite: `registry`, `cold-start`,
-//! `scheduler`). Builds what it needs, starts Ferry and the peers on ephemeral loopback ports,
+//! `scheduler`, `gateway`, `launch-rate`, `density`). Builds what it needs, starts Ferry and the peers on ephemeral loopback ports,
 //! prints a markdown table of medians, p99s and ratios, and writes it as JSON under
-//! bench/results/. Peers come from Debian packages (docker-registry, runc, skopeo), installed
+//! bench/results/. Peers come from Debian packages (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed
 //! when missing.
 
+mod density;
+mod gateway;
+mod launch;
+mod podman;
 mod suites;
 
 use anyhow::{Context, Result};
@@ -25,6 +29,16 @@ struct Cli {
     /// Cold starts to measure.
     #[arg(long, default_value_t = 50, global = true)]
     cold_starts: usize,
+    /// launch-rate: stop after this many running instances (if nothing failed before).
+    #[arg(long, default_value_t = 3000, global = true)]
+    launch_max: usize,
+    /// gateway: also measure the gateway of this `ferry` binary (an earlier build), in the
+    /// same run, for before/after rows.
+    #[arg(long, global = true)]
+    baseline_ferry: Option<PathBuf>,
+    /// density: idle instances to reach, in steps of 100.
+    #[arg(long, default_value_t = 500, global = true)]
+    density_instances: usize,
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +48,17 @@ enum Suite {
     /// Push and pull of a ~200 MB 5-layer image with skopeo: Ferry vs docker-registry 2.8.
     Registry,
     /// Request → first byte for a scaled-to-zero service (image cached), vs `runc run` of the
-    /// same rootfs to its first HTTP response.
+    /// same rootfs and `podman run --rm` of the same image to their first HTTP response.
     ColdStart,
     /// Placement decision time at 100, 1,000 and 10,000 nodes.
     Scheduler,
+    /// Warm latency and throughput (wrk) through the gateway, straight to the instance, and
+    /// through nginx as a reverse proxy to the same instance.
+    Gateway,
+    /// Instances started per minute by one agent, until failure or memory pressure.
+    LaunchRate,
+    /// Platform memory per idle instance.
+    Density,
 }
 
 /// One measured row: what, Ferry's figure, the peer's, and their ratio.
@@ -113,9 +134,12 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the release `ferry` binary and the static testapp; returns their paths.
+/// Builds the release `ferry` binary and the static testapp; returns their paths. Honours
+/// `CARGO_TARGET_DIR`; `TESTAPP_STATIC_BIN` names an already built static testapp.
 pub fn build() -> Result<(PathBuf, PathBuf)> {
     let root = root();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     run(Command::new("cargo").current_dir(&root).args([
         "build",
         "--release",
@@ -123,23 +147,26 @@ pub fn build() -> Result<(PathBuf, PathBuf)> {
         "-p",
         "ferry",
     ]))?;
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", root.join("target-testapp-static"))
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "testapp",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ]))?;
-    Ok((
-        root.join("target/release/ferry"),
-        root.join("target-testapp-static/x86_64-unknown-linux-gnu/release/testapp"),
-    ))
+    let testapp = match std::env::var_os("TESTAPP_STATIC_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            run(Command::new("cargo")
+                .current_dir(&root)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_TARGET_DIR", root.join("target-testapp-static"))
+                .args([
+                    "build",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "testapp",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ]))?;
+            root.join("target-testapp-static/x86_64-unknown-linux-gnu/release/testapp")
+        }
+    };
+    Ok((target.join("release/ferry"), testapp))
 }
 
 fn print_and_save(suite: &str, how: &str, rows: Vec<Row>) -> Result<()> {
@@ -192,7 +219,14 @@ fn main() -> Result<()> {
         let (how, rows) = suites::scheduler()?;
         print_and_save("scheduler", &how, rows)?;
     }
-    if want(Suite::Registry) || want(Suite::ColdStart) {
+    let needs_build = [
+        Suite::Registry,
+        Suite::ColdStart,
+        Suite::Gateway,
+        Suite::LaunchRate,
+        Suite::Density,
+    ];
+    if needs_build.into_iter().any(want) {
         let (ferry, testapp) = build()?;
         if want(Suite::Registry) {
             let (how, rows) = suites::registry(&ferry, cli.runs)?;
@@ -201,6 +235,19 @@ fn main() -> Result<()> {
         if want(Suite::ColdStart) {
             let (how, rows) = suites::cold_start(&ferry, &testapp, cli.cold_starts)?;
             print_and_save("cold-start", &how, rows)?;
+        }
+        if want(Suite::Gateway) {
+            let (how, rows) =
+                gateway::gateway(&ferry, &testapp, cli.runs, cli.baseline_ferry.as_deref())?;
+            print_and_save("gateway", &how, rows)?;
+        }
+        if want(Suite::LaunchRate) {
+            let (how, rows) = launch::launch_rate(&ferry, &testapp, cli.launch_max)?;
+            print_and_save("launch-rate", &how, rows)?;
+        }
+        if want(Suite::Density) {
+            let (how, rows) = density::density(&ferry, &testapp, cli.density_instances)?;
+            print_and_save("density", &how, rows)?;
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A child process killed on drop.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -27,12 +27,12 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Sends `GET path` with `host` and returns (status, time to the first response byte).
-fn first_byte(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Duration)> {
+pub(crate) fn first_byte(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Duration)> {
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -54,7 +54,7 @@ fn first_byte(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Duration
     Ok((status, elapsed))
 }
 
-fn wait_http(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<()> {
+pub(crate) fn wait_http(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok((s, _)) = first_byte(addr, host, path)
@@ -69,7 +69,7 @@ fn wait_http(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Res
     }
 }
 
-fn addresses(data: &Path, timeout: Duration) -> Result<serde_json::Value> {
+pub(crate) fn addresses(data: &Path, timeout: Duration) -> Result<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(b) = std::fs::read(data.join("addresses.json")) {
@@ -82,7 +82,7 @@ fn addresses(data: &Path, timeout: Duration) -> Result<serde_json::Value> {
     }
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -93,7 +93,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -311,7 +311,7 @@ pub fn registry(ferry: &Path, runs: usize) -> Result<(String, Vec<Row>)> {
 
 // ---------------------------------------------------------------------------------------------
 
-fn ferry_cli(ferry: &Path, api: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn ferry_cli(ferry: &Path, api: &str, args: &[&str]) -> Result<String> {
     run(Command::new(ferry)
         .args(args)
         .env("FERRY_API", format!("http://{api}")))
@@ -477,7 +477,8 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
         anyhow::ensure!(answered == 200, "runc run never answered");
         runc_ms.push(ms(elapsed));
     }
-    let (f, r) = (sorted(ferry_ms), sorted(runc_ms));
+    let (podman_ms, podman_version) = crate::podman::cold_starts(&archive, w, n)?;
+    let (f, r, pm) = (sorted(ferry_ms), sorted(runc_ms), sorted(podman_ms));
     let peer = Some("runc run".to_string());
     let rows = vec![
         Row {
@@ -497,8 +498,18 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
             goal: Some("≤ 40 ms".into()),
         },
     ];
-    let peer = Some("straight to the instance".to_string());
     let mut rows = rows;
+    for (what, p) in [("p50", 0.5), ("p99", 0.99)] {
+        rows.push(Row {
+            metric: format!("cold start {what} ({n} starts)"),
+            unit: "ms".into(),
+            ferry: percentile(&f, p),
+            peer_name: Some(format!("podman run --rm ({podman_version}, runc)")),
+            peer: Some(percentile(&pm, p)),
+            goal: None,
+        });
+    }
+    let peer = Some("straight to the instance".to_string());
     rows.push(Row {
         metric: "warm GET p50, keep-alive, 2000 sequential".into(),
         unit: "ms".into(),
@@ -517,14 +528,14 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
     });
     Ok((
         format!(
-            "Warm rows: 2000 sequential `GET /` on one keep-alive connection (after 50 unmeasured), through the gateway vs to the instance's own address. Cold rows: `ferry server` (release build) on loopback; {n} services deployed one by one with 0.1 vCPU and 64 MiB (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness); each service is deleted after its request. Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. podman is not measured yet."
+            "Warm rows: 2000 sequential `GET /` on one keep-alive connection (after 50 unmeasured), through the gateway vs to the instance's own address. Cold rows: `ferry server` (release build) on loopback; {n} services deployed one by one with 0.1 vCPU and 64 MiB (image cached on the node after a warm-up service), and for each the first request `GET /` through the gateway, timed from connect to the first response byte (the gateway holds it while an instance starts: placement, sandbox, readiness); each service is deleted after its request. Peer: `runc run` (Debian runc 1.1) of a bundle with the same static testapp as its rootfs, host network, timed from spawn to the first byte of `GET /`, polled every 0.5 ms. Peer 2: `podman run --rm --network host` (runtime runc, cgroupfs) of the same image loaded from the same OCI archive, timed the same way."
         ),
         rows,
     ))
 }
 
 /// Sequential GETs on one keep-alive connection; per-request latency in ms.
-fn keepalive_latencies(addr: SocketAddr, host: &str, n: usize) -> Result<Vec<f64>> {
+pub(crate) fn keepalive_latencies(addr: SocketAddr, host: &str, n: usize) -> Result<Vec<f64>> {
     use std::io::BufRead;
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_nodelay(true)?;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
+use crate::pool::Lease;
 use crate::state::{InflightGuard, RevState};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -88,20 +89,28 @@ where
 }
 
 /// Streams an instance's response to the client, counting egress bytes, and keeps the
-/// instance's in-flight slot taken until the last byte went out (or the client went away).
+/// instance's in-flight slot (and the pooled connection, when there is one) taken until the
+/// last byte went out (or the client went away).
 pub struct ResponseBody<B> {
     inner: B,
     rev: Arc<RevState>,
     guard: Option<InflightGuard>,
+    lease: Option<Lease>,
 }
 
 impl<B> ResponseBody<B> {
-    pub fn new(inner: B, rev: Arc<RevState>, guard: InflightGuard) -> Self {
+    pub fn new(inner: B, rev: Arc<RevState>, guard: InflightGuard, lease: Option<Lease>) -> Self {
         ResponseBody {
             inner,
             rev,
             guard: Some(guard),
+            lease,
         }
+    }
+
+    fn finish(&mut self) {
+        self.lease.take();
+        self.guard.take();
     }
 }
 
@@ -125,13 +134,11 @@ where
                     this.rev.add_egress(d.len() as u64);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                this.guard.take();
-            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
             Poll::Pending => {}
         }
         if this.inner.is_end_stream() {
-            this.guard.take();
+            this.finish();
         }
         polled.map(|o| o.map(|r| r.map_err(Into::into)))
     }

@@ -3,6 +3,9 @@
 
 use std::net::IpAddr;
 
+use std::fmt::Write as _;
+
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const HOP_BY_HOP: &[&str] = &[
@@ -61,35 +64,53 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A header value from a string built for it, without copying it again.
+fn owned_value(s: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from(s)).ok()
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, host: &str) {
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    let mut xff = String::with_capacity(48);
+    if let Some(prev) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+        && !prev.trim().is_empty()
+    {
+        xff.push_str(prev);
+        xff.push_str(", ");
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let _ = write!(xff, "{client}");
+    if let Some(v) = owned_value(xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
+        headers.insert(X_FORWARDED_HOST, v);
     }
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    let mut fwd = String::with_capacity(64 + host.len());
+    if let Some(prev) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok())
+        && !prev.trim().is_empty()
+    {
+        fwd.push_str(prev);
+        fwd.push_str(", ");
+    }
+    let _ = match client {
+        IpAddr::V4(ip) => write!(fwd, "for={ip}"),
+        IpAddr::V6(ip) => write!(fwd, "for=\"[{ip}]\""),
     };
-    let host_q = if host.contains(':') || host.is_empty() {
-        format!("\"{host}\"")
+    if host.contains(':') || host.is_empty() {
+        let _ = write!(fwd, ";host=\"{host}\";proto=http");
     } else {
-        host.to_string()
-    };
-    let element = format!("for={node};host={host_q};proto=http");
-    let fwd = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        let _ = write!(fwd, ";host={host};proto=http");
+    }
+    if let Some(v) = owned_value(fwd) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -117,32 +138,36 @@ pub fn valid_traceparent(v: &str) -> bool {
 /// Keeps a valid `traceparent`, or starts a new sampled trace.
 pub fn ensure_traceparent(headers: &mut HeaderMap) {
     let ok = headers
-        .get("traceparent")
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(valid_traceparent);
     if !ok {
-        headers.remove("tracestate");
+        headers.remove(&TRACESTATE);
         let tp = format!(
             "00-{:032x}-{:016x}-01",
             rand::random::<u128>() | 1,
             rand::random::<u64>() | 1
         );
-        headers.insert("traceparent", HeaderValue::from_str(&tp).unwrap());
+        headers.insert(
+            TRACEPARENT,
+            owned_value(tp).expect("hex is a valid header value"),
+        );
     }
 }
 
 /// The client's `x-request-id` when sane, else a new one; stored back into `headers`.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID)
+        && let Ok(id) = v.to_str()
         && !id.is_empty()
         && id.len() <= 128
         && id.bytes().all(|b| b.is_ascii_graphic())
     {
-        return id.to_string();
+        return v.clone();
     }
-    let id = new_request_id();
-    headers.insert("x-request-id", HeaderValue::from_str(&id).unwrap());
-    id
+    let v = owned_value(new_request_id()).expect("hex is a valid header value");
+    headers.insert(X_REQUEST_ID, v.clone());
+    v
 }
 
 pub fn new_request_id() -> String {

@@ -12,6 +12,7 @@
 mod body;
 mod error;
 mod headers;
+mod pool;
 mod proxy;
 mod routing;
 mod state;

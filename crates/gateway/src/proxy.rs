@@ -25,6 +25,7 @@ use crate::Config;
 use crate::body::{GatewayBody, LimitedBody, ResponseBody, empty};
 use crate::error::ProxyError;
 use crate::headers;
+use crate::pool::{Pool, SendError};
 use crate::routing;
 use crate::state::{Admission, InflightGuard, RevState, Revisions, WaitGuard};
 
@@ -59,7 +60,9 @@ pub struct Shared {
     pub tunnels: TaskTracker,
     /// Cancelled when the drain deadline passes: open tunnels are cut.
     pub hard_stop: CancellationToken,
-    h1: Client<HttpConnector, GatewayBody>,
+    /// HTTP/1.1 (and upgrades) to instances.
+    pool: Pool,
+    /// h2c to instances whose route asks for it.
     h2c: Client<HttpConnector, GatewayBody>,
 }
 
@@ -68,9 +71,7 @@ impl Shared {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn.clone());
+        let pool = Pool::new(Duration::from_secs(5));
         let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .http2_only(true)
@@ -83,7 +84,7 @@ impl Shared {
             revs: Revisions::default(),
             tunnels: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
-            h1,
+            pool,
             h2c,
         }
     }
@@ -116,7 +117,9 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let request_id = headers::ensure_request_id(req.headers_mut());
-    let span = info_span!("request", request_id = %request_id, method = %req.method(), path = %req.uri().path());
+    let id = request_id.to_str().unwrap_or_default();
+    let span =
+        info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let resp = match proxy(&shared, client, req, &request_id)
         .instrument(span.clone())
         .await
@@ -124,39 +127,42 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => {
             span.in_scope(|| debug!(status = e.status.as_u16(), code = e.code, source = e.origin.as_str(), message = %e.message, "answered by gateway"));
-            e.into_response(&request_id)
+            e.into_response(id)
         }
     };
     Ok(resp)
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    if let Some(h) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
+/// The `Host` header (or the authority of an absolute or HTTP/2 target) as a header value:
+/// a cheap clone of the received bytes, valid as `Host` and `X-Forwarded-Host` upstream.
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if let Some(h) = req.headers().get(header::HOST)
+        && h.to_str().is_ok()
     {
-        return Some(h.to_string());
+        return Some(h.clone());
     }
-    req.uri().authority().map(|a| a.to_string())
+    req.uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }
 
 async fn proxy(
     shared: &Shared,
     client: SocketAddr,
     mut req: Request<Incoming>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let start = Instant::now();
-    let host = request_host(&req).unwrap_or_default();
-    let service = routing::service_from_host(&host, &shared.config.domain)
-        .ok_or_else(|| ProxyError::service_not_found(&host))?;
+    let host_value = request_host(&req).unwrap_or_else(|| HeaderValue::from_static(""));
+    let host = host_value.to_str().unwrap_or_default();
+    let service = routing::service_from_host(host, &shared.config.domain)
+        .ok_or_else(|| ProxyError::service_not_found(host))?;
     let svc = shared
         .index
         .borrow()
-        .get(&service)
+        .get(service.as_ref())
         .cloned()
-        .ok_or_else(|| ProxyError::service_not_found(&host))?;
+        .ok_or_else(|| ProxyError::service_not_found(host))?;
     let total = routing::traffic_total(&svc.traffic);
     let revision = routing::pick_revision(&svc.traffic, rand::random_range(0..total.max(1)))
         .ok_or_else(|| ProxyError::no_revision(&service, "no revision receives traffic"))?
@@ -192,7 +198,7 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarding(&mut parts.headers, client.ip().to_canonical(), &host);
+    headers::add_forwarding(&mut parts.headers, client.ip().to_canonical(), host);
     headers::ensure_traceparent(&mut parts.headers);
     let h2c = route.h2c && !upgrade;
     let no_body = body.is_end_stream();
@@ -204,37 +210,61 @@ async fn proxy(
         limited.boxed_unsync()
     });
 
+    // A connect failure is retried once on another instance when the request has no body:
+    // keep the headers for that only when there is another instance to retry on.
+    let retry_possible = no_body && route.instances.len() > 1;
     let mut guard = guard;
     let mut endpoint = endpoint;
     let mut retried = false;
     let resp = loop {
+        let headers = if retry_possible && !retried {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let upstream = build_upstream(
             &parts,
+            headers,
             &endpoint,
             h2c,
-            &host,
+            &host_value,
             body.take().unwrap_or_else(empty),
         )?;
-        let client = if h2c { &shared.h2c } else { &shared.h1 };
-        match tokio::time::timeout_at(deadline, client.request(upstream)).await {
+        let sent = if h2c {
+            match tokio::time::timeout_at(deadline, shared.h2c.request(upstream)).await {
+                Ok(r) => Ok(r.map(|resp| (resp, None)).map_err(Upstream::H2c)),
+                Err(e) => Err(e),
+            }
+        } else {
+            match tokio::time::timeout_at(deadline, shared.pool.send(endpoint.address, upstream))
+                .await
+            {
+                Ok(r) => Ok(r.map(|(resp, l)| (resp, Some(l))).map_err(Upstream::H1)),
+                Err(e) => Err(e),
+            }
+        };
+        match sent {
             Ok(Ok(resp)) => break resp,
             Ok(Err(e)) => {
                 if exceeded.load(Ordering::SeqCst) {
                     return Err(ProxyError::body_too_large(route.max_body_bytes));
                 }
-                if e.is_connect() && no_body && !retried {
+                if e.is_connect() && retry_possible && !retried {
                     retried = true;
                     let failed = endpoint.instance_id.clone();
                     if let Some((g, ep)) = rev.acquire(route, Admission::Retry, Some(&failed)) {
-                        warn!(instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(&e), "connect failed; retrying on another instance");
+                        warn!(instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(e.error()), "connect failed; retrying on another instance");
                         // Free the failed slot only after taking the new one.
                         guard = g;
                         endpoint = ep;
                         continue;
                     }
                 }
-                warn!(instance = %endpoint.instance_id, error = %crate::error::chain(&e), "upstream request failed");
-                return Err(ProxyError::upstream_unreachable(&endpoint.instance_id, &e));
+                warn!(instance = %endpoint.instance_id, error = %crate::error::chain(e.error()), "upstream request failed");
+                return Err(ProxyError::upstream_unreachable(
+                    &endpoint.instance_id,
+                    e.error(),
+                ));
             }
             Err(_) => {
                 return Err(ProxyError::upstream_timeout(
@@ -244,14 +274,16 @@ async fn proxy(
             }
         }
     };
+    let (resp, lease) = resp;
     rev.record_latency(start.elapsed().as_secs_f64() * 1000.0);
 
     let (mut rparts, rbody) = resp.into_parts();
     let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut rparts.headers, switching);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        rparts.headers.entry("x-request-id").or_insert(v);
-    }
+    rparts
+        .headers
+        .entry("x-request-id")
+        .or_insert_with(|| request_id.clone());
 
     if switching {
         let Some(client_upgrade) = client_upgrade else {
@@ -267,6 +299,10 @@ async fn proxy(
         };
         let mut upstream_resp = Response::from_parts(rparts.clone(), rbody);
         let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+        // The connection now belongs to the tunnel.
+        if let Some(l) = lease {
+            l.discard();
+        }
         let stop = shared.hard_stop.clone();
         shared.tunnels.spawn(async move {
             tokio::select! {
@@ -277,8 +313,30 @@ async fn proxy(
         return Ok(Response::from_parts(rparts, empty()));
     }
 
-    let body = ResponseBody::new(rbody, rev.clone(), guard).boxed_unsync();
+    let body = ResponseBody::new(rbody, rev.clone(), guard, lease).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
+}
+
+/// A failed upstream call, from either client.
+enum Upstream {
+    H1(SendError),
+    H2c(hyper_util::client::legacy::Error),
+}
+
+impl Upstream {
+    fn is_connect(&self) -> bool {
+        match self {
+            Upstream::H1(e) => e.is_connect(),
+            Upstream::H2c(e) => e.is_connect(),
+        }
+    }
+
+    fn error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Upstream::H1(e) => e,
+            Upstream::H2c(e) => e,
+        }
+    }
 }
 
 fn revision_of<'a>(svc: &'a ServiceRoute, name: &str) -> Result<&'a RevisionRoute, ProxyError> {
@@ -289,38 +347,49 @@ fn revision_of<'a>(svc: &'a ServiceRoute, name: &str) -> Result<&'a RevisionRout
 
 fn build_upstream(
     parts: &http::request::Parts,
+    headers: http::HeaderMap,
     endpoint: &Endpoint,
     h2c: bool,
-    host: &str,
+    host: &HeaderValue,
     body: GatewayBody,
 ) -> Result<Request<GatewayBody>, ProxyError> {
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = format!("http://{}{}", endpoint.address, pq)
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| {
-            ProxyError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                crate::error::ErrorSource::Client,
-                format!("request target {pq:?}: {e}"),
-            )
-        })?;
+    let bad = |e: &dyn std::fmt::Display| {
+        ProxyError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            crate::error::ErrorSource::Client,
+            format!("request target {:?}: {e}", parts.uri),
+        )
+    };
+    // h2c goes through a client that needs the absolute form; HTTP/1.1 goes out in origin form.
+    let mut uri = http::uri::Parts::default();
+    if h2c {
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                endpoint.address.to_string(),
+            ))
+            .map_err(|e| bad(&e))?,
+        );
+    }
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(uri).map_err(|e| bad(&e))?;
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = headers;
     if h2c {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(host) {
-            req.headers_mut().insert(header::HOST, v);
-        }
+        req.headers_mut().insert(header::HOST, host.clone());
     }
     Ok(req)
 }

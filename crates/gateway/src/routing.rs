@@ -1,11 +1,14 @@
 //! Pure routing decisions: which service a host names, which revision gets a request, which
 //! instance takes it. No I/O, no clock, no randomness of their own: callers pass the roll.
 
+use std::borrow::Cow;
+
 use ferry_api::gateway::TrafficTarget;
 
 /// The service named by a `Host` (or `:authority`) value: `<service>.<domain>[:port]`,
-/// compared case-insensitively. `None` when the host is not under `domain`.
-pub fn service_from_host(host: &str, domain: &str) -> Option<String> {
+/// compared case-insensitively, lowercased (borrowed when it already is). `None` when the
+/// host is not under `domain`.
+pub fn service_from_host<'a>(host: &'a str, domain: &str) -> Option<Cow<'a, str>> {
     let host = strip_port(host.trim()).trim_end_matches('.');
     let domain = domain.trim().trim_end_matches('.');
     if host.len() <= domain.len() + 1 {
@@ -16,7 +19,11 @@ pub fn service_from_host(host: &str, domain: &str) -> Option<String> {
     if !rest.eq_ignore_ascii_case(domain) || name.is_empty() || name.contains('.') {
         return None;
     }
-    Some(name.to_ascii_lowercase())
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(name.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(name))
+    }
 }
 
 fn strip_port(host: &str) -> &str {

@@ -13,21 +13,33 @@ use crate::routing;
 /// Latency samples kept per window; beyond this, samples replace random older ones.
 const MAX_SAMPLES: usize = 4096;
 
+/// Revision states by service, then revision: looked up with borrowed names, so the request
+/// path allocates nothing here once a revision has been seen.
 #[derive(Default)]
 pub struct Revisions {
-    map: Mutex<HashMap<(String, String), Arc<RevState>>>,
+    map: Mutex<HashMap<String, HashMap<String, Arc<RevState>>>>,
 }
 
 impl Revisions {
     pub fn get(&self, service: &str, revision: &str) -> Arc<RevState> {
         let mut map = self.map.lock().unwrap();
-        map.entry((service.to_string(), revision.to_string()))
+        if let Some(r) = map.get(service).and_then(|m| m.get(revision)) {
+            return r.clone();
+        }
+        map.entry(service.to_string())
+            .or_default()
+            .entry(revision.to_string())
             .or_insert_with(|| Arc::new(RevState::new(service, revision)))
             .clone()
     }
 
     pub fn all(&self) -> Vec<Arc<RevState>> {
-        self.map.lock().unwrap().values().cloned().collect()
+        self.map
+            .lock()
+            .unwrap()
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect()
     }
 
     /// Wakes every held request (a new route table was published).
@@ -39,10 +51,11 @@ impl Revisions {
 
     /// Drops state of revisions that are idle and no longer routed.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
-        self.map
-            .lock()
-            .unwrap()
-            .retain(|(s, r), st| keep(s, r) || Arc::strong_count(st) > 1 || !st.is_idle());
+        let mut map = self.map.lock().unwrap();
+        for (s, revs) in map.iter_mut() {
+            revs.retain(|r, st| keep(s, r) || Arc::strong_count(st) > 1 || !st.is_idle());
+        }
+        map.retain(|_, revs| !revs.is_empty());
     }
 }
 
@@ -133,7 +146,12 @@ impl RevState {
             rand::random::<u32>() as usize,
         )?;
         let ep = route.instances[idx].clone();
-        *i.in_flight.entry(ep.instance_id.clone()).or_insert(0) += 1;
+        match i.in_flight.get_mut(&ep.instance_id) {
+            Some(n) => *n += 1,
+            None => {
+                i.in_flight.insert(ep.instance_id.clone(), 1);
+            }
+        }
         let now = Instant::now();
         i.advance(now);
         i.total += 1;

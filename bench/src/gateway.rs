@@ -1,0 +1,365 @@
+//! The gateway suite: warm latency and throughput through Ferry's gateway, straight to the
+//! instance, and through nginx as a reverse proxy to the same instance, with wrk at fixed
+//! connection counts.
+
+use crate::suites::{Proc, addresses, ferry_cli, free_port, wait_http};
+use crate::{Row, ensure_packages, percentile, run, sorted};
+use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Connection counts wrk runs at; the first one is the latency row.
+const CONNECTIONS: [u32; 3] = [1, 16, 64];
+/// Seconds per wrk run.
+const SECONDS: u32 = 4;
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+const WRK_LUA: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("FERRYBENCH %d %d %.1f %.1f %d %d\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(99), e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"#;
+
+fn wrk(script: &Path, target: SocketAddr, host: &str, conns: u32, secs: u32) -> Result<Wrk> {
+    let out = run(Command::new("wrk")
+        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .arg("-s")
+        .arg(script)
+        .args(["-H", &format!("Host: {host}")])
+        .arg(format!("http://{target}/")))?;
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("FERRYBENCH "))
+        .with_context(|| format!("wrk printed no summary:\n{out}"))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(f64::NAN))
+        .collect();
+    anyhow::ensure!(f.len() == 6, "wrk summary {line:?}");
+    anyhow::ensure!(
+        f[4] == 0.0 && f[5] == 0.0,
+        "wrk against {target} ({conns} connections): {} non-2xx answers, {} socket errors",
+        f[4],
+        f[5]
+    );
+    Ok(Wrk {
+        rps: f[0] / (f[1] / 1e6),
+        p50_ms: f[2] / 1000.0,
+        p99_ms: f[3] / 1000.0,
+    })
+}
+
+/// `ferry server` on loopback with the static testapp pushed to its registry.
+pub(crate) struct Server {
+    pub _proc: Proc,
+    pub api: String,
+    pub gateway: SocketAddr,
+    pub image: String,
+}
+
+pub(crate) fn start_server(
+    ferry: &Path,
+    testapp: &Path,
+    work: &Path,
+    bridge: &str,
+    subnet: &str,
+) -> Result<Server> {
+    std::fs::create_dir_all(work)?;
+    let data = work.join("data");
+    let proc = Proc(
+        Command::new(ferry)
+            .args([
+                "server",
+                "--api-addr",
+                "127.0.0.1:0",
+                "--gateway-addr",
+                "127.0.0.1:0",
+                "--registry-addr",
+                "127.0.0.1:0",
+                "--bridge",
+                bridge,
+                "--subnet",
+                subnet,
+                "--data-dir",
+            ])
+            .arg(&data)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let a = addresses(&data, Duration::from_secs(20))?;
+    let api = a["api"].as_str().context("api")?.to_string();
+    let gateway: SocketAddr = a["gateway"].as_str().context("gateway")?.parse()?;
+    let registry = a["registry"].as_str().context("registry")?.to_string();
+    let archive = work.join("app.tar");
+    run(Command::new(ferry)
+        .args(["image", "build", "--binary"])
+        .arg(testapp)
+        .args(["--binary-path", "/testapp", "--port", "8080"])
+        .args(["--tag", "v1", "-o"])
+        .arg(&archive))?;
+    let image = format!("{registry}/testapp:v1");
+    run(Command::new(ferry)
+        .args(["image", "push"])
+        .arg(format!("{}:v1", archive.display()))
+        .arg(&image))?;
+    Ok(Server {
+        _proc: proc,
+        api,
+        gateway,
+        image,
+    })
+}
+
+/// The address of a ready instance of `service`.
+pub(crate) fn ready_instance(ferry: &Path, api: &str, service: &str) -> Result<SocketAddr> {
+    let desc: serde_json::Value =
+        serde_json::from_str(&ferry_cli(ferry, api, &["describe", service, "--json"])?)?;
+    Ok(desc["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["state"] == "ready"))
+        .and_then(|i| i["address"].as_str())
+        .with_context(|| format!("{service} has no ready instance"))?
+        .parse()?)
+}
+
+/// nginx as a reverse proxy to `upstream`, with upstream keep-alive and the usual forwarding
+/// headers, as its own master with `worker_processes auto` (one per core).
+fn start_nginx(dir: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display();
+    let conf = format!(
+        "user root;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  upstream app {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}
+}}
+"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(Proc(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+fn nginx_version() -> String {
+    Command::new("nginx")
+        .arg("-v")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .and_then(|s| s.strip_prefix("nginx version: ").map(str::to_string))
+        .unwrap_or_else(|| "nginx".into())
+}
+
+/// One instance for the whole run, with a full core and no concurrency limit, so that every
+/// path ends at the same process and the instance is not what limits throughput.
+fn deploy_gw(ferry: &Path, server: &Server) -> Result<SocketAddr> {
+    ferry_cli(
+        ferry,
+        &server.api,
+        &[
+            "deploy",
+            "gw",
+            "--image",
+            &server.image,
+            "--cpu",
+            "1",
+            "--memory",
+            "256Mi",
+            "--min",
+            "1",
+            "--max",
+            "1",
+            "--concurrency",
+            "0",
+            "--idle-grace",
+            "3600",
+        ],
+    )?;
+    wait_http(server.gateway, "gw.localhost", "/", Duration::from_secs(30))?;
+    ready_instance(ferry, &server.api, "gw")
+}
+
+/// With `baseline`, a second `ferry server` of that binary (an earlier build) runs beside,
+/// with an instance of its own, and its gateway is measured in the same rotation: the
+/// before/after rows compare the two gateways.
+pub fn gateway(
+    ferry: &Path,
+    testapp: &Path,
+    runs: usize,
+    baseline: Option<&Path>,
+) -> Result<(String, Vec<Row>)> {
+    ensure_packages(&["wrk", "nginx-light"])?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let server = start_server(ferry, testapp, &w.join("current"), "fbgw0", "10.98.0.1/24")?;
+    let instance = deploy_gw(ferry, &server)?;
+    let before = match baseline {
+        Some(b) => {
+            let s = start_server(b, testapp, &w.join("baseline"), "fbgw1", "10.98.1.1/24")?;
+            deploy_gw(b, &s)?;
+            Some(s)
+        }
+        None => None,
+    };
+    let nginx_port = free_port()?;
+    let nginx_addr: SocketAddr = format!("127.0.0.1:{nginx_port}").parse()?;
+    let nginx = start_nginx(&w.join("nginx"), nginx_port, instance)?;
+    wait_http(nginx_addr, "gw.localhost", "/", Duration::from_secs(10))?;
+    let script = w.join("summary.lua");
+    std::fs::write(&script, WRK_LUA)?;
+
+    let mut targets = vec![
+        ("gateway", server.gateway),
+        ("direct", instance),
+        ("nginx", nginx_addr),
+    ];
+    if let Some(b) = &before {
+        targets.push(("gateway (baseline build)", b.gateway));
+    }
+    let nt = targets.len();
+    // results[target][connections index] = one Wrk per run
+    let mut results: Vec<Vec<Vec<Wrk>>> = vec![vec![Vec::new(); CONNECTIONS.len()]; nt];
+    // Warm every path (connection pools, nginx workers, page cache) before measuring.
+    for &(_, addr) in &targets {
+        wrk(&script, addr, "gw.localhost", 16, 1)?;
+    }
+    for r in 0..runs {
+        for (ci, &c) in CONNECTIONS.iter().enumerate() {
+            // Rotate which target goes first, so none always follows the same one.
+            for k in 0..nt {
+                let t = (k + r + ci) % nt;
+                let m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)?;
+                eprintln!(
+                    "gateway run {r}: {} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+                    targets[t].0, m.rps, m.p50_ms, m.p99_ms
+                );
+                results[t][ci].push(m);
+            }
+        }
+    }
+    drop(nginx);
+    drop(server);
+    drop(before);
+
+    let med = |t: usize, ci: usize, f: fn(&Wrk) -> f64| {
+        percentile(&sorted(results[t][ci].iter().map(f).collect()), 0.5)
+    };
+    let (gw, direct, ngx) = (0, 1, 2);
+    let nginx_name = Some(nginx_version());
+    let direct_name = Some("straight to the instance".to_string());
+    let mut rows = Vec::new();
+    let p50 = |w: &Wrk| w.p50_ms;
+    let p99 = |w: &Wrk| w.p99_ms;
+    let rps = |w: &Wrk| w.rps;
+    rows.push(Row {
+        metric: "p50 overhead over direct, 1 connection (proxy p50 − direct p50)".into(),
+        unit: "ms".into(),
+        ferry: med(gw, 0, p50) - med(direct, 0, p50),
+        peer_name: nginx_name.clone(),
+        peer: Some(med(ngx, 0, p50) - med(direct, 0, p50)),
+        goal: Some("≤ 0.15 ms".into()),
+    });
+    for (ci, &c) in CONNECTIONS.iter().enumerate() {
+        for (peer, name) in [(ngx, &nginx_name), (direct, &direct_name)] {
+            for (what, f, unit) in [
+                ("latency p50", p50 as fn(&Wrk) -> f64, "ms"),
+                ("latency p99", p99, "ms"),
+                ("throughput", rps, "req/s"),
+            ] {
+                let last = c == *CONNECTIONS.last().unwrap_or(&1);
+                rows.push(Row {
+                    metric: format!("{what}, {c} connections"),
+                    unit: unit.into(),
+                    ferry: med(gw, ci, f),
+                    peer_name: name.clone(),
+                    peer: Some(med(peer, ci, f)),
+                    goal: (peer == ngx && what == "throughput" && last).then(|| "≥ peer".into()),
+                });
+            }
+        }
+    }
+    if baseline.is_some() {
+        let (bl, name) = (3, Some("baseline build's gateway".to_string()));
+        rows.push(Row {
+            metric: "p50 overhead over direct, 1 connection: this build vs the baseline build"
+                .into(),
+            unit: "ms".into(),
+            ferry: med(gw, 0, p50) - med(direct, 0, p50),
+            peer_name: name.clone(),
+            peer: Some(med(bl, 0, p50) - med(direct, 0, p50)),
+            goal: None,
+        });
+        for (ci, &c) in CONNECTIONS.iter().enumerate() {
+            for (what, f, unit) in [
+                ("latency p50", p50 as fn(&Wrk) -> f64, "ms"),
+                ("throughput", rps, "req/s"),
+            ] {
+                rows.push(Row {
+                    metric: format!("{what}, {c} connections: this build vs the baseline build"),
+                    unit: unit.into(),
+                    ferry: med(gw, ci, f),
+                    peer_name: name.clone(),
+                    peer: Some(med(bl, ci, f)),
+                    goal: None,
+                });
+            }
+            rows.push(Row {
+                metric: format!("baseline build: throughput, {c} connections"),
+                unit: "req/s".into(),
+                ferry: med(bl, ci, rps),
+                peer_name: nginx_name.clone(),
+                peer: Some(med(ngx, ci, rps)),
+                goal: None,
+            });
+        }
+    }
+    if rows.iter().any(|r| r.ferry.is_nan()) {
+        bail!("a measurement is missing");
+    }
+    Ok((
+        format!(
+            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to one instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance.{}",
+            nginx_name.as_deref().unwrap_or("nginx"),
+            baseline.map_or(String::new(), |b| format!(" A second `ferry server` built from an earlier tree ({}) runs beside it with its own identical instance; its gateway is a fourth path in the same rotation (the baseline rows).", b.display()))
+        ),
+        rows,
+    ))
+}
