@@ -6,6 +6,7 @@
 //! bench/results/. Peers come from Debian packages (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed
 //! when missing.
 
+mod agent_start;
 mod density;
 mod gateway;
 mod launch;
@@ -59,6 +60,8 @@ enum Suite {
     LaunchRate,
     /// Platform memory per idle instance.
     Density,
+    /// Agent "start instance" → ready, one at a time, vs `runc run` to first response.
+    AgentStart,
 }
 
 /// One measured row: what, Ferry's figure, the peer's, and their ratio.
@@ -225,6 +228,7 @@ fn main() -> Result<()> {
         Suite::Gateway,
         Suite::LaunchRate,
         Suite::Density,
+        Suite::AgentStart,
     ];
     if needs_build.into_iter().any(want) {
         let (ferry, testapp) = build()?;
@@ -244,6 +248,10 @@ fn main() -> Result<()> {
         if want(Suite::LaunchRate) {
             let (how, rows) = launch::launch_rate(&ferry, &testapp, cli.launch_max)?;
             print_and_save("launch-rate", &how, rows)?;
+        }
+        if want(Suite::AgentStart) {
+            let (how, rows) = agent_start::agent_start(&ferry, &testapp, cli.cold_starts)?;
+            print_and_save("agent-start", &how, rows)?;
         }
         if want(Suite::Density) {
             let (how, rows) = density::density(&ferry, &testapp, cli.density_instances)?;

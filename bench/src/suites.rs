@@ -425,58 +425,7 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
     let direct = sorted(keepalive_latencies(instance, "cs-warm.localhost", 2000)?);
     drop(server);
 
-    // Peer: runc run of the same rootfs (the testapp at /testapp), host network, to its first
-    // HTTP response.
-    let bundle = w.join("bundle");
-    std::fs::create_dir_all(bundle.join("rootfs/tmp"))?;
-    std::fs::copy(testapp, bundle.join("rootfs/testapp"))?;
-    run(Command::new("runc").current_dir(&bundle).args(["spec"]))?;
-    let mut spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
-    let port = free_port()?;
-    spec["process"]["args"] = serde_json::json!(["/testapp"]);
-    spec["process"]["terminal"] = serde_json::json!(false);
-    spec["process"]["env"]
-        .as_array_mut()
-        .context("env")?
-        .push(serde_json::json!(format!("PORT={port}")));
-    spec["root"]["readonly"] = serde_json::json!(false);
-    if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
-        ns.retain(|n| n["type"] != "network");
-    }
-    std::fs::write(
-        bundle.join("config.json"),
-        serde_json::to_vec_pretty(&spec)?,
-    )?;
-    let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let mut runc_ms = Vec::new();
-    for i in 0..n {
-        let id = format!("ferry-bench-{}-{i}", std::process::id());
-        let t = Instant::now();
-        let mut child = Command::new("runc")
-            .args(["run", "--bundle"])
-            .arg(&bundle)
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let answered = loop {
-            if let Ok((s, _)) = first_byte(target, "localhost", "/") {
-                break s;
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                break 0;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        };
-        let elapsed = t.elapsed();
-        let _ = Command::new("runc").args(["kill", &id, "KILL"]).status();
-        let _ = child.wait();
-        let _ = Command::new("runc").args(["delete", "-f", &id]).status();
-        anyhow::ensure!(answered == 200, "runc run never answered");
-        runc_ms.push(ms(elapsed));
-    }
+    let runc_ms = runc_first_byte(testapp, w, n)?;
     let (podman_ms, podman_version) = crate::podman::cold_starts(&archive, w, n)?;
     let (f, r, pm) = (sorted(ferry_ms), sorted(runc_ms), sorted(podman_ms));
     let peer = Some("runc run".to_string());
@@ -532,6 +481,64 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
         ),
         rows,
     ))
+}
+
+/// The peer of the start suites: `runc run` of a bundle whose rootfs is the static testapp at
+/// /testapp, host network, `n` times; each timed from spawn to the first byte of `GET /`
+/// (polled every 0.5 ms). Milliseconds, in run order. The bundle goes under `w`.
+pub(crate) fn runc_first_byte(testapp: &Path, w: &Path, n: usize) -> Result<Vec<f64>> {
+    ensure_packages(&["runc"])?;
+    let bundle = w.join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs/tmp"))?;
+    std::fs::copy(testapp, bundle.join("rootfs/testapp"))?;
+    run(Command::new("runc").current_dir(&bundle).args(["spec"]))?;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+    let port = free_port()?;
+    spec["process"]["args"] = serde_json::json!(["/testapp"]);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["env"]
+        .as_array_mut()
+        .context("env")?
+        .push(serde_json::json!(format!("PORT={port}")));
+    spec["root"]["readonly"] = serde_json::json!(false);
+    if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+        ns.retain(|n| n["type"] != "network");
+    }
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut runc_ms = Vec::new();
+    for i in 0..n {
+        let id = format!("ferry-bench-{}-{i}", std::process::id());
+        let t = Instant::now();
+        let mut child = Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let answered = loop {
+            if let Ok((s, _)) = first_byte(target, "localhost", "/") {
+                break s;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                break 0;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        };
+        let elapsed = t.elapsed();
+        let _ = Command::new("runc").args(["kill", &id, "KILL"]).status();
+        let _ = child.wait();
+        let _ = Command::new("runc").args(["delete", "-f", &id]).status();
+        anyhow::ensure!(answered == 200, "runc run never answered");
+        runc_ms.push(ms(elapsed));
+    }
+    Ok(runc_ms)
 }
 
 /// Sequential GETs on one keep-alive connection; per-request latency in ms.

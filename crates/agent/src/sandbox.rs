@@ -128,7 +128,10 @@ impl Plan {
     /// agent's network set-up instead of adding to it. The child is in the group before it
     /// execs either way, and a failed move fails the start at that step.
     pub fn join_cgroup(&mut self, dirs: &[PathBuf]) {
-        self.cgroup_procs = dirs.iter().map(|d| cpath(&d.join("cgroup.procs"))).collect();
+        self.cgroup_procs = dirs
+            .iter()
+            .map(|d| cpath(&d.join("cgroup.procs")))
+            .collect();
     }
 }
 
