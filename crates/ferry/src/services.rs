@@ -4,7 +4,9 @@
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ferry_api::gateway::TrafficTarget;
-use ferry_api::service::{ApiError, RevisionView, ScaleRequest, ServiceSpec, ServiceView};
+use ferry_api::service::{
+    ApiError, MetricKind, MetricTarget, RevisionView, ScaleRequest, ServiceSpec, ServiceView,
+};
 use serde::de::DeserializeOwned;
 
 #[derive(Args, Clone)]
@@ -134,6 +136,41 @@ pub struct DeployArgs {
     /// Speak h2c to instances.
     #[arg(long)]
     h2c: bool,
+    /// What the autoscaler scales on, with its per-instance target (repeatable; replaces the
+    /// list): `concurrency=10`, `rps=100`, `p99_latency_ms=250`, `cpu=70` (percent),
+    /// `memory=80`, `queue=5`, `custom:NAME@/PATH=TARGET`.
+    #[arg(long = "scale-metric")]
+    scale_metrics: Vec<String>,
+    /// Autoscaler stable window: `60s`, `2m`.
+    #[arg(long, value_parser = parse_secs)]
+    stable_window: Option<u64>,
+    /// Panic window as a percentage of the stable window.
+    #[arg(long)]
+    panic_window_pct: Option<u32>,
+    /// Panic when the panic-window demand reaches this percentage of what is ready.
+    #[arg(long)]
+    panic_threshold_pct: Option<u32>,
+    /// The count falls only to the largest wanted within this delay: `0s`, `30s`.
+    #[arg(long, value_parser = parse_secs)]
+    scale_down_delay: Option<u64>,
+    /// At most this many times the ready count per decision.
+    #[arg(long)]
+    max_scale_up_rate: Option<f64>,
+    /// Down to no fewer than ready / this per decision.
+    #[arg(long)]
+    max_scale_down_rate: Option<f64>,
+    /// Damping against thrash: `on` or `off`.
+    #[arg(long, value_parser = parse_on_off)]
+    anti_thrash: Option<bool>,
+    /// Direction flips within the anti-thrash window that engage it.
+    #[arg(long)]
+    anti_thrash_flips: Option<u32>,
+    /// The window flips are counted in: `120s`.
+    #[arg(long, value_parser = parse_secs)]
+    anti_thrash_window: Option<u64>,
+    /// How long the warm count is held once engaged: `120s`.
+    #[arg(long, value_parser = parse_secs)]
+    anti_thrash_cooldown: Option<u64>,
     /// Wait until the new revision serves the traffic.
     #[arg(long)]
     wait: bool,
@@ -444,6 +481,44 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
     if a.h2c {
         spec.h2c = true;
     }
+    if !a.scale_metrics.is_empty() {
+        spec.autoscaling.metrics = a
+            .scale_metrics
+            .iter()
+            .map(|m| parse_scale_metric(m))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    let auto = &mut spec.autoscaling;
+    if let Some(v) = a.stable_window {
+        auto.stable_window_secs = v;
+    }
+    if let Some(v) = a.panic_window_pct {
+        auto.panic_window_pct = v;
+    }
+    if let Some(v) = a.panic_threshold_pct {
+        auto.panic_threshold_pct = v;
+    }
+    if let Some(v) = a.scale_down_delay {
+        auto.scale_down_delay_secs = v;
+    }
+    if let Some(v) = a.max_scale_up_rate {
+        auto.max_scale_up_rate = v;
+    }
+    if let Some(v) = a.max_scale_down_rate {
+        auto.max_scale_down_rate = v;
+    }
+    if let Some(v) = a.anti_thrash {
+        auto.anti_thrash.enabled = v;
+    }
+    if let Some(v) = a.anti_thrash_flips {
+        auto.anti_thrash.max_flips = v;
+    }
+    if let Some(v) = a.anti_thrash_window {
+        auto.anti_thrash.window_secs = v;
+    }
+    if let Some(v) = a.anti_thrash_cooldown {
+        auto.anti_thrash.cooldown_secs = v;
+    }
     if !a.api.json {
         eprintln!("resolving {} ...", spec.image);
     }
@@ -529,6 +604,64 @@ fn describe(s: &ServiceView) {
     }
 }
 
+/// `60`, `60s`, `2m`, `1h` → seconds.
+fn parse_secs(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.trim() {
+        t if t.ends_with('h') => (&t[..t.len() - 1], 3600),
+        t if t.ends_with('m') => (&t[..t.len() - 1], 60),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1),
+        t => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: expected a duration like 60s, 2m or 1h"))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
+/// `rps=100`, `cpu=70`, `custom:NAME@/PATH=5`.
+fn parse_scale_metric(s: &str) -> anyhow::Result<MetricTarget> {
+    let (what, target) = s
+        .rsplit_once('=')
+        .with_context(|| format!("--scale-metric {s:?}: expected KIND=TARGET"))?;
+    let target: f64 = target
+        .parse()
+        .ok()
+        .filter(|t: &f64| t.is_finite() && *t > 0.0)
+        .with_context(|| format!("--scale-metric {s:?}: target must be a number above 0"))?;
+    let (kind, path, name) = match what.strip_prefix("custom:") {
+        Some(rest) => {
+            let (name, path) = rest.split_once('@').with_context(|| {
+                format!("--scale-metric {s:?}: a custom metric is custom:NAME@/PATH=TARGET")
+            })?;
+            (
+                MetricKind::Custom,
+                Some(path.to_string()),
+                Some(name.to_string()),
+            )
+        }
+        None => (
+            what.parse::<MetricKind>()
+                .map_err(|e| anyhow::anyhow!("--scale-metric {s:?}: {e}"))?,
+            None,
+            None,
+        ),
+    };
+    Ok(MetricTarget {
+        kind,
+        target,
+        path,
+        name,
+    })
+}
+
 fn traffic_str(t: &[TrafficTarget]) -> String {
     t.iter()
         .map(|t| format!("{}={}%", t.revision, t.percent))
@@ -568,5 +701,27 @@ fn print_table(rows: &[Vec<String>]) {
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
         println!("{}", line.join("  ").trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(parse_secs("60s"), Ok(60));
+        assert_eq!(parse_secs("2m"), Ok(120));
+        assert_eq!(parse_secs("7"), Ok(7));
+        assert!(parse_secs("soon").is_err());
+        let m = parse_scale_metric("rps=100").unwrap();
+        assert_eq!((m.kind, m.target), (MetricKind::Rps, 100.0));
+        let m = parse_scale_metric("custom:jobs_waiting@/metrics=5").unwrap();
+        assert_eq!(m.kind, MetricKind::Custom);
+        assert_eq!(m.name.as_deref(), Some("jobs_waiting"));
+        assert_eq!(m.path.as_deref(), Some("/metrics"));
+        for bad in ["rps", "rps=0", "gpu=1", "custom:x=1", "cpu=lots"] {
+            assert!(parse_scale_metric(bad).is_err(), "{bad}");
+        }
     }
 }
