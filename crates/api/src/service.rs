@@ -543,6 +543,67 @@ pub struct ServiceView {
     /// Why the last instance start failed, when it did.
     #[serde(default)]
     pub last_failure: Option<String>,
+    /// The autoscaler's state per revision that it scales.
+    #[serde(default)]
+    pub autoscaler: Vec<AutoscalerView>,
+}
+
+/// The autoscaler's state for one revision (`GET /v1/services/{name}/autoscaler`, and in
+/// [`ServiceView::autoscaler`]). Metric figures are per ready instance (at least one), in the
+/// unit of the metric's target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscalerView {
+    pub revision: String,
+    pub at_ms: u64,
+    pub desired: u32,
+    pub ready: u32,
+    /// Live instances (pending, starting or ready; not draining).
+    pub instances: u32,
+    pub panicking: bool,
+    pub stable_window_secs: u64,
+    pub panic_window_ms: u64,
+    pub metrics: Vec<MetricView>,
+    pub anti_thrash: AntiThrashView,
+    /// Instances the autoscaler started and stopped (drained) for this revision.
+    pub starts: u64,
+    pub stops: u64,
+    /// The last decisions that changed the count, newest last.
+    pub decisions: Vec<ScalingDecision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricView {
+    /// `concurrency`, `cpu`, `custom:NAME`, ...
+    pub metric: String,
+    pub target: f64,
+    /// The newest 1-second bucket.
+    pub current: f64,
+    /// Averages over the stable and the panic window.
+    pub stable: f64,
+    pub panic: f64,
+    /// Instances this metric asks for (stable window; panic window when panicking).
+    pub wanted: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AntiThrashView {
+    pub enabled: bool,
+    pub engaged: bool,
+    /// The warm count held while engaged.
+    pub warm_floor: Option<u32>,
+    pub engaged_until_ms: Option<u64>,
+    /// 0 = relaxed; each engagement soon after the last doubles the hold.
+    pub level: u32,
+    pub flips_in_window: u32,
+    pub flips_total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingDecision {
+    pub at_ms: u64,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
 }
 
 /// `PUT /v1/services/{name}/scale`.

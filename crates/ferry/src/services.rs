@@ -583,7 +583,35 @@ fn describe(s: &ServiceView) {
         s.spec.target_concurrency,
         s.spec.idle_grace_secs
     );
+    let a = &s.spec.autoscaling;
+    let metrics: Vec<String> = s
+        .spec
+        .scale_metrics()
+        .iter()
+        .map(|m| format!("{}={}", m.label(), m.target))
+        .collect();
+    println!(
+        "Autoscaler:  {} | stable {}s panic {}% at {}% | delay {}s | rates up {} down {} | anti-thrash {}",
+        metrics.join(" "),
+        a.stable_window_secs,
+        a.panic_window_pct,
+        a.panic_threshold_pct,
+        a.scale_down_delay_secs,
+        a.max_scale_up_rate,
+        a.max_scale_down_rate,
+        if a.anti_thrash.enabled {
+            format!(
+                "on (>{} flips in {}s holds {}s)",
+                a.anti_thrash.max_flips, a.anti_thrash.window_secs, a.anti_thrash.cooldown_secs
+            )
+        } else {
+            "off".to_string()
+        }
+    );
     println!("Traffic:     {}", traffic_str(&s.traffic));
+    for v in &s.autoscaler {
+        describe_autoscaler(v);
+    }
     if let Some(f) = &s.last_failure {
         println!("Last failure: {f}");
     }
@@ -660,6 +688,65 @@ fn parse_scale_metric(s: &str) -> anyhow::Result<MetricTarget> {
         path,
         name,
     })
+}
+
+fn describe_autoscaler(v: &ferry_api::service::AutoscalerView) {
+    let t = &v.anti_thrash;
+    let thrash = match (t.enabled, t.warm_floor) {
+        (false, _) => format!("off ({} flips seen)", t.flips_total),
+        (true, Some(f)) => format!(
+            "ENGAGED, holding {f} warm until {} (level {}, {} flips in total)",
+            t.engaged_until_ms.map(format_ms).unwrap_or_default(),
+            t.level,
+            t.flips_total
+        ),
+        (true, None) => format!(
+            "calm (level {}, {} flips in window, {} in total)",
+            t.level, t.flips_in_window, t.flips_total
+        ),
+    };
+    println!(
+        "  {}: desired {} ready {} live {}{} | started {} stopped {}",
+        v.revision,
+        v.desired,
+        v.ready,
+        v.instances,
+        if v.panicking { " | PANIC" } else { "" },
+        v.starts,
+        v.stops
+    );
+    println!("    anti-thrash: {thrash}");
+    let mut rows = vec![vec![
+        "    METRIC".to_string(),
+        "TARGET".into(),
+        "NOW".into(),
+        format!("STABLE {}s", v.stable_window_secs),
+        format!("PANIC {}ms", v.panic_window_ms),
+        "WANTS".into(),
+    ]];
+    for m in &v.metrics {
+        rows.push(vec![
+            format!("    {}", m.metric),
+            format!("{}", m.target),
+            format!("{:.2}", m.current),
+            format!("{:.2}", m.stable),
+            format!("{:.2}", m.panic),
+            m.wanted.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    if !v.decisions.is_empty() {
+        println!("    last decisions:");
+        for d in v.decisions.iter().rev().take(10) {
+            println!(
+                "      {}  {} -> {}  {}",
+                format_ms(d.at_ms),
+                d.from,
+                d.to,
+                d.reason
+            );
+        }
+    }
 }
 
 fn traffic_str(t: &[TrafficTarget]) -> String {
