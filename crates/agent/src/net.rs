@@ -58,6 +58,7 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
@@ -271,6 +272,21 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
         what: format!("bridge {}", cfg.bridge),
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
+    // A bridge whose MAC the kernel chose follows its lowest port's MAC, so it changes as
+    // instances come and go, and the instances' ARP entries for the gateway address go stale:
+    // their packets to it are lost until ARP recovers (responses held for ~100 s under
+    // scale-downs). A MAC set by us stays.
+    let assigned = fs::read_to_string(format!("/sys/class/net/{}/addr_assign_type", cfg.bridge))
+        .map(|s| s.trim() == "3")
+        .unwrap_or(false);
+    if !assigned {
+        nl.request(
+            &format!("set the MAC of {}", cfg.bridge),
+            Msg::new(RTM_NEWLINK, 0)
+                .ifinfo(idx, 0, 0)
+                .attr(IFLA_ADDRESS, &bridge_mac(&cfg.bridge)),
+        )?;
+    }
     add_addr(&nl, idx, cfg.gateway, cfg.prefix, &cfg.bridge)?;
     link_up(&nl, idx, &cfg.bridge)?;
     let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
@@ -293,6 +309,16 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
         tracing::warn!("iptables not found: instances get no outbound NAT");
     }
     Ok(())
+}
+
+/// A stable, locally administered unicast MAC for the bridge, from its name.
+fn bridge_mac(name: &str) -> [u8; 6] {
+    // FNV-1a: stable across runs and builds.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x02, b[3], b[4], b[5], b[6], b[7]]
 }
 
 fn iptables() -> Option<PathBuf> {
@@ -559,6 +585,14 @@ impl Ipam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_mac_is_stable_local_unicast() {
+        let a = bridge_mac("ferry0");
+        assert_eq!(a, bridge_mac("ferry0"));
+        assert_ne!(a, bridge_mac("ferry1"));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
+    }
 
     #[test]
     fn ipam_leases_distinct_addresses_and_skips_gateway() {
