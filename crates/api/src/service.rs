@@ -54,6 +54,10 @@ pub struct ServiceSpec {
     pub readiness_path: Option<String>,
     #[serde(default = "default_grace")]
     pub termination_grace_secs: u64,
+    /// On scale-down or a revision switch, open WebSockets (upgraded connections) of a
+    /// draining instance are kept up to this long before it gets SIGTERM.
+    #[serde(default = "default_ws_drain")]
+    pub websocket_drain_secs: u64,
     #[serde(default = "default_true")]
     pub outbound_network: bool,
     /// How the autoscaler decides (docs/autoscaling.md). Absent in older specs: the defaults,
@@ -251,6 +255,9 @@ fn default_queue() -> u32 {
 fn default_grace() -> u64 {
     10
 }
+fn default_ws_drain() -> u64 {
+    60
+}
 fn default_true() -> bool {
     true
 }
@@ -356,6 +363,9 @@ impl ServiceSpec {
         }
         if self.termination_grace_secs > 3600 {
             return Err(err("termination_grace_secs", "must be at most 3600"));
+        }
+        if self.websocket_drain_secs > 3600 {
+            return Err(err("websocket_drain_secs", "must be at most 3600"));
         }
         if let Some(p) = &self.readiness_path
             && !p.starts_with('/')

@@ -75,6 +75,10 @@ pub struct Series<'a> {
     pub label: &'a str,
     pub target: f64,
     pub samples: &'a [Sample],
+    /// Whether this metric keeps instances without requests (custom metrics: a queue worker's
+    /// backlog). Request and resource metrics do not: without requests for the grace, they
+    /// let the revision go to zero.
+    pub holds_when_idle: bool,
 }
 
 /// What one metric asks for this tick.
@@ -87,6 +91,7 @@ pub struct MetricDecision {
     pub panic: f64,
     pub want_stable: u32,
     pub want_panic: u32,
+    pub holds_when_idle: bool,
 }
 
 /// What the scaler carries from one tick to the next.
@@ -170,6 +175,7 @@ pub fn decide(
             panic,
             want_stable: want(stable, s.target),
             want_panic,
+            holds_when_idle: s.holds_when_idle,
         });
     }
     let top = |f: fn(&MetricDecision) -> u32| {
@@ -248,13 +254,20 @@ pub fn decide(
     let idle_for = last_activity.map_or(u64::MAX, |t| now.saturating_sub(t));
     if st.panic.is_none() {
         if idle_for >= cfg.scale_to_zero_grace_ms {
-            if desired > 0 {
+            let hold = metrics
+                .iter()
+                .filter(|m| m.holds_when_idle)
+                .map(|m| m.want_stable)
+                .max()
+                .unwrap_or(0)
+                .min(desired);
+            if desired > hold {
                 reason = format!(
-                    "no requests for the {} s grace: to zero",
+                    "no requests for the {} s grace: to {hold}",
                     cfg.scale_to_zero_grace_ms / 1000
                 );
             }
-            desired = 0;
+            desired = hold;
         } else if desired == 0 && ready > 0 {
             desired = 1;
             reason = format!(
@@ -440,11 +453,13 @@ mod tests {
                 label: "concurrency",
                 target: 10.0,
                 samples: a,
+                holds_when_idle: false,
             },
             Series {
                 label: "cpu",
                 target: 70.0,
                 samples: b,
+                holds_when_idle: false,
             },
         ]
     }
@@ -454,6 +469,7 @@ mod tests {
             label: "concurrency",
             target: 10.0,
             samples,
+            holds_when_idle: false,
         }]
     }
 
@@ -515,11 +531,13 @@ mod tests {
                 label: "concurrency",
                 target: 10.0,
                 samples: &conc,
+                holds_when_idle: false,
             },
             Series {
                 label: "cpu",
                 target: 70.0,
                 samples: &cpu,
+                holds_when_idle: false,
             },
         ];
         let d = decide(&series, &conc, 4, 60_000, &c, &mut ScalerState::default());
@@ -529,6 +547,26 @@ mod tests {
         let quiet: Vec<Sample> = vec![];
         let d = decide(&series, &quiet, 4, 60_000, &c, &mut ScalerState::default());
         assert_eq!(d.desired, 0, "{d:?}");
+        // A custom metric (a queue worker's backlog) keeps what it asks for without requests.
+        let backlog = steady(1_000, 61_000, 25.0);
+        let with_custom = [
+            series[0],
+            Series {
+                label: "custom:jobs",
+                target: 10.0,
+                samples: &backlog,
+                holds_when_idle: true,
+            },
+        ];
+        let d = decide(
+            &with_custom,
+            &quiet,
+            4,
+            60_000,
+            &c,
+            &mut ScalerState::default(),
+        );
+        assert_eq!(d.desired, 3, "{d:?}");
     }
 
     #[test]

@@ -706,6 +706,7 @@ mod tests {
             p99_latency_ms: 1.0,
             egress_bytes: 0,
             window_ms: 1000,
+            instances: vec![],
         };
         let ev = from_stats(start + 1_000, &[stats]);
         c.store.record_usage(&ev).unwrap();

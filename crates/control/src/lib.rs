@@ -259,6 +259,7 @@ async fn gateway_events(
                 c.wake.notify_one();
             }
             GatewayEvent::Stats { revisions, .. } => {
+                live.on_gateway_load(&revisions);
                 for r in &revisions {
                     live.scalers
                         .entry(r.revision.clone())

@@ -248,14 +248,18 @@ impl RevScaler {
         self.at_ms = now;
         self.fill_instance_metrics(ready, now);
         self.trim(now);
-        let labels: Vec<(String, f64)> =
-            self.metrics.iter().map(|m| (m.label(), m.target)).collect();
+        let labels: Vec<(String, f64, bool)> = self
+            .metrics
+            .iter()
+            .map(|m| (m.label(), m.target, m.kind == MetricKind::Custom))
+            .collect();
         let series: Vec<Series<'_>> = labels
             .iter()
-            .map(|(label, target)| Series {
+            .map(|(label, target, custom)| Series {
                 label,
                 target: *target,
                 samples: self.series.get(label).map_or(&[], |v| v.as_slice()),
+                holds_when_idle: *custom,
             })
             .collect();
         let d = autoscale::decide(
@@ -372,6 +376,7 @@ mod tests {
             p99_latency_ms: 40.0,
             egress_bytes: 0,
             window_ms: 1000,
+            instances: vec![],
         }
     }
 

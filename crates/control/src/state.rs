@@ -14,9 +14,25 @@ use ferry_api::{Cpu, ImageRef, Memory};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
-/// How long a stopped instance stays out of the load balancer before it gets SIGTERM, so the
-/// gateway has the new table and in-flight requests finish.
+/// How long a stopped instance stays out of the load balancer at least before it gets SIGTERM,
+/// so the gateway has the new table and has reported what is still in flight on it (its stats
+/// come every second). After that it waits while requests are in flight, up to the request
+/// timeout, and while WebSockets are open, up to the revision's WebSocket drain bound.
 pub const DRAIN_MS: u64 = 1_500;
+
+/// Whether a draining instance may get its stop now (SIGTERM, grace, SIGKILL).
+pub fn drained(
+    waited_ms: u64,
+    in_flight: (u32, u32),
+    request_timeout_ms: u64,
+    websocket_bound_ms: u64,
+) -> bool {
+    let (all, upgraded) = in_flight;
+    let requests = all.saturating_sub(upgraded);
+    waited_ms >= DRAIN_MS
+        && (requests == 0 || waited_ms >= request_timeout_ms)
+        && (upgraded == 0 || waited_ms >= websocket_bound_ms)
+}
 
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -33,6 +49,9 @@ pub struct Instance {
     /// Set when control decided to stop it: out of routing from then on.
     pub draining_since: Option<u64>,
     pub stop_sent: bool,
+    /// Requests (upgraded connections included) and upgraded connections in flight on it,
+    /// from the gateway's latest stats.
+    pub in_flight: (u32, u32),
 }
 
 impl Instance {
@@ -147,6 +166,18 @@ impl Live {
                 .entry(i.revision.clone())
                 .or_default()
                 .on_usage(s, cpu, mem);
+        }
+    }
+
+    /// The gateway's per-instance load: instances it does not list have nothing in flight.
+    pub fn on_gateway_load(&mut self, revisions: &[ferry_api::gateway::RevisionStats]) {
+        for i in self.instances.values_mut() {
+            i.in_flight = (0, 0);
+        }
+        for l in revisions.iter().flat_map(|r| r.instances.iter()) {
+            if let Some(i) = self.instances.get_mut(&l.instance_id) {
+                i.in_flight = (l.in_flight, l.upgraded);
+            }
         }
     }
 
@@ -369,6 +400,7 @@ impl Live {
                                                 reason: None,
                                                 draining_since: None,
                                                 stop_sent: false,
+                                                in_flight: (0, 0),
                                             },
                                         );
                                     }
@@ -457,11 +489,19 @@ impl Live {
                 i.draining_since = Some(now);
             }
         }
-        // Draining instances get their stop once the gateway has had time to let go.
+        // Draining instances get their stop once the gateway has let go and what was in flight
+        // on them has finished (bounded).
         for i in self.instances.values_mut() {
+            let bounds = known.get(i.revision.as_str()).map_or((0, 0), |r| {
+                (
+                    r.spec.request_timeout_secs * 1000,
+                    r.spec.websocket_drain_secs * 1000,
+                )
+            });
             if let Some(since) = i.draining_since
                 && !i.stop_sent
-                && (now.saturating_sub(since) >= DRAIN_MS || i.state != InstanceState::Ready)
+                && (i.state != InstanceState::Ready
+                    || drained(now.saturating_sub(since), i.in_flight, bounds.0, bounds.1))
             {
                 i.stop_sent = true;
                 let grace_ms = known
@@ -549,6 +589,35 @@ mod tests {
                 now,
             );
         }
+    }
+
+    #[test]
+    fn drain_waits_for_in_flight_requests_and_websockets_within_bounds() {
+        assert!(
+            !drained(1_000, (0, 0), 300_000, 60_000),
+            "the gateway lets go first"
+        );
+        assert!(drained(DRAIN_MS, (0, 0), 300_000, 60_000));
+        assert!(
+            !drained(5_000, (2, 0), 300_000, 60_000),
+            "requests in flight"
+        );
+        assert!(
+            drained(300_000, (2, 0), 300_000, 60_000),
+            "bounded by the request timeout"
+        );
+        assert!(
+            !drained(30_000, (1, 1), 300_000, 60_000),
+            "a WebSocket is open"
+        );
+        assert!(
+            drained(60_000, (1, 1), 300_000, 60_000),
+            "bounded by the WebSocket bound"
+        );
+        assert!(
+            !drained(60_000, (2, 1), 300_000, 60_000),
+            "and a request still runs"
+        );
     }
 
     /// Demand starts instances; when the load is gone they leave the route table first and

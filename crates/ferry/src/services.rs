@@ -171,6 +171,10 @@ pub struct DeployArgs {
     /// How long the warm count is held once engaged: `120s`.
     #[arg(long, value_parser = parse_secs)]
     anti_thrash_cooldown: Option<u64>,
+    /// On scale-down or a revision switch, keep a draining instance's WebSockets up to this
+    /// long before SIGTERM: `60s`.
+    #[arg(long, value_parser = parse_secs)]
+    websocket_drain: Option<u64>,
     /// Wait until the new revision serves the traffic.
     #[arg(long)]
     wait: bool,
@@ -480,6 +484,9 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
     }
     if a.h2c {
         spec.h2c = true;
+    }
+    if let Some(v) = a.websocket_drain {
+        spec.websocket_drain_secs = v;
     }
     if !a.scale_metrics.is_empty() {
         spec.autoscaling.metrics = a
