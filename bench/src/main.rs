@@ -1,11 +1,13 @@
 //! ferry-bench: every performance figure side by side with a peer, from the same run.
 //!
 //! `cargo run -p ferry-bench --release -- all` (or one suite: `registry`, `cold-start`,
-//! `scheduler`). Builds what it needs, starts Ferry and the peers on ephemeral loopback ports,
+//! `scheduler`, `autoscale`). Builds what it needs, starts Ferry and the peers on ephemeral
+//! loopback ports,
 //! prints a markdown table of medians, p99s and ratios, and writes it as JSON under
 //! bench/results/. Peers come from Debian packages (docker-registry, runc, skopeo), installed
 //! when missing.
 
+mod autoscale;
 mod suites;
 
 use anyhow::{Context, Result};
@@ -25,6 +27,9 @@ struct Cli {
     /// Cold starts to measure.
     #[arg(long, default_value_t = 50, global = true)]
     cold_starts: usize,
+    /// Up/down cycles of the autoscale soak.
+    #[arg(long, default_value_t = 100, global = true)]
+    cycles: usize,
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +43,8 @@ enum Suite {
     ColdStart,
     /// Placement decision time at 100, 1,000 and 10,000 nodes.
     Scheduler,
+    /// Autoscaler: step-load trace (+ PNG), up/down soak under load, anti-thrash off vs on.
+    Autoscale,
 }
 
 /// One measured row: what, Ferry's figure, the peer's, and their ratio.
@@ -202,6 +209,10 @@ fn main() -> Result<()> {
             let (how, rows) = suites::cold_start(&ferry, &testapp, cli.cold_starts)?;
             print_and_save("cold-start", &how, rows)?;
         }
+    }
+    if want(Suite::Autoscale) {
+        let (how, rows) = autoscale::autoscale(cli.cycles)?;
+        print_and_save("autoscale", &how, rows)?;
     }
     Ok(())
 }

@@ -278,6 +278,13 @@ pub fn decide(
         }
     }
 
+    // Requests wait and nothing is ready: at least one, whatever the metrics say (a service
+    // that scales on CPU has no CPU figures before its first instance).
+    if ready == 0 && desired == 0 && last_activity.is_some_and(|t| now.saturating_sub(t) < 2_000) {
+        desired = 1;
+        reason = "requests wait and nothing is ready: starting one".to_string();
+    }
+
     // Anti-thrash: a warm floor while engaged.
     let floor = st.thrash.floor(now);
     if let Some(f) = floor
@@ -519,6 +526,23 @@ mod tests {
         }];
         let d = decide(&one(&h), &h, 0, 10_100, &c, &mut ScalerState::default());
         assert_eq!(d.desired, 4, "35 waiting / target 10: {d:?}");
+    }
+
+    #[test]
+    fn from_zero_requests_start_one_even_when_only_cpu_counts() {
+        let c = cfg();
+        let act = vec![Sample {
+            at_ms: 10_000,
+            value: 1.0,
+        }];
+        let cpu = Series {
+            label: "cpu",
+            target: 50.0,
+            samples: &[],
+            holds_when_idle: false,
+        };
+        let d = decide(&[cpu], &act, 0, 10_300, &c, &mut ScalerState::default());
+        assert_eq!(d.desired, 1, "{d:?}");
     }
 
     #[test]
