@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -252,7 +252,10 @@ fn wait_until(
             return Ok(s);
         }
         if t.elapsed() > limit {
-            bail!("{name}: {what} not reached in {limit:?}: {s:?}");
+            let instances = get_json(api, &format!("/v1/instances?service={name}"))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            bail!("{name}: {what} not reached in {limit:?}: {s:?}; instances: {instances}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -277,6 +280,10 @@ pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
     let (bin, testapp) = binaries()?;
     let work = tempfile::tempdir()?;
     let data = work.path().join("data");
+    // The server's log outlives the run, for a look after a failure.
+    let log_path = std::env::temp_dir().join("ferry-bench-autoscale-server.log");
+    let log = std::fs::File::create(&log_path)?;
+    eprintln!("ferry server log: {}", log_path.display());
     let _server = Server(
         Command::new(&bin)
             .args([
@@ -294,8 +301,12 @@ pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
                 "--data-dir",
             ])
             .arg(&data)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::null())
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()?,
     );
     let addrs = {
@@ -331,11 +342,20 @@ pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
         .arg(format!("{}:v1", archive.display()))
         .arg(&image))?;
 
+    // FERRY_BENCH_AUTOSCALE=step,soak,oscillation (the default) runs a subset.
+    let parts =
+        std::env::var("FERRY_BENCH_AUTOSCALE").unwrap_or_else(|_| "step,soak,oscillation".into());
+    let part = |p: &str| parts.split(',').any(|x| x.trim() == p);
     let mut rows = Vec::new();
-    let step = step_load(&bin, api, gateway, &image)?;
-    rows.extend(step);
-    rows.extend(soak(&bin, api, gateway, &image, cycles)?);
-    rows.extend(oscillation(&bin, api, gateway, &image)?);
+    if part("step") {
+        rows.extend(step_load(&bin, api, gateway, &image)?);
+    }
+    if part("soak") {
+        rows.extend(soak(&bin, api, gateway, &image, cycles)?);
+    }
+    if part("oscillation") {
+        rows.extend(oscillation(&bin, api, gateway, &image)?);
+    }
     Ok((
         format!(
             "One `ferry server` ({} build) on loopback, testapp instances of 0.1 vCPU / 64 MiB; load from blocking keep-alive HTTP/1.1 clients through the gateway. \
