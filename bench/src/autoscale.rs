@@ -401,12 +401,14 @@ fn step_load(bin: &Path, api: SocketAddr, gateway: SocketAddr, image: &str) -> R
             "off",
         ],
     )?;
+    // Paced clients (100 ms between requests), so the demand is finite: 24 of them ask for
+    // more than 8 instances give, 1 for about two.
     let load = Load::start(
         gateway,
         "as-step.localhost",
         "/cpu?ms=10",
         24,
-        Duration::ZERO,
+        Duration::from_millis(100),
     );
     let t0 = Instant::now();
     // 5 s idle, 30 s high, 25 s low, then nothing.

@@ -116,18 +116,32 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// The mean over the window's 1-second buckets, ending at the current second, or at the
+/// previous one while the current second has not reported yet (a report covers the second
+/// before it, so a short panic window would otherwise read zero at the start of every second).
+/// Buckets without a sample count as zero load.
 fn average(samples: &[Sample], now: u64, window: u64) -> f64 {
-    let from = now.saturating_sub(window);
+    let buckets = (window / 1000).max(1);
+    let current = now / 1000 * 1000;
+    let reported = samples
+        .iter()
+        .rev()
+        .take_while(|s| s.at_ms >= current)
+        .any(|s| s.at_ms >= current && s.at_ms <= now);
+    let end = if reported {
+        now
+    } else {
+        current.saturating_sub(1)
+    };
+    let from = end.saturating_sub(buckets * 1000);
     let (sum, n) = samples
         .iter()
-        .filter(|s| s.at_ms > from && s.at_ms <= now)
-        .fold((0.0, 0u32), |(s, n), x| (s + x.value.max(0.0), n + 1));
-    // Buckets without a sample count as zero load: divide by the window's bucket count.
-    let buckets = (window / 1000).max(1) as f64;
+        .filter(|s| s.at_ms > from && s.at_ms <= end)
+        .fold((0.0, 0u64), |(s, n), x| (s + x.value.max(0.0), n + 1));
     if n == 0 {
         0.0
     } else {
-        sum / buckets.max(f64::from(n))
+        sum / buckets.max(n) as f64
     }
 }
 
@@ -299,6 +313,10 @@ pub fn decide(
     let clamped = desired.clamp(cfg.min, cfg.max.max(cfg.min));
     if clamped != desired {
         reason = format!("{reason}; bounded to [{}, {}]", cfg.min, cfg.max);
+    }
+    // While panicking, what was decided (warm floor and delay included) is the new floor.
+    if let Some((since, high)) = st.panic {
+        st.panic = Some((since, high.max(clamped)));
     }
     if st.thrash.observe(now, clamped, &cfg.thrash) {
         reason = format!(
@@ -515,6 +533,28 @@ mod tests {
         assert_eq!(d.desired, 1);
         let d = decide(&one(&h), &h, 1, 66_000, &c, &mut st);
         assert_eq!(d.desired, 0, "{d:?}");
+    }
+
+    #[test]
+    fn a_short_window_reads_the_last_reported_second() {
+        let h = vec![
+            Sample {
+                at_ms: 9_000,
+                value: 30.0,
+            },
+            Sample {
+                at_ms: 10_000,
+                value: 50.0,
+            },
+        ];
+        assert_eq!(average(&h, 10_300, 1_000), 50.0, "this second has reported");
+        assert_eq!(average(&h, 11_100, 1_000), 50.0, "not yet: the one before");
+        assert_eq!(average(&h, 10_300, 2_000), 40.0);
+        assert_eq!(
+            average(&h, 13_500, 2_000),
+            0.0,
+            "seconds without reports are zero"
+        );
     }
 
     #[test]
