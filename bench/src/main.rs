@@ -1,12 +1,14 @@
 //! ferry-bench: every performance figure side by side with a peer, from the same run.
 //!
 //! `cargo run -p ferry-bench --release -- all` (or one suite: `registry`, `cold-start`,
-//! `scheduler`, `gateway`, `launch-rate`, `density`). Builds what it needs, starts Ferry and the peers on ephemeral loopback ports,
+//! `scheduler`, `gateway`, `launch-rate`, `density`, `agent-start`, `autoscale`). Builds what
+//! it needs, starts Ferry and the peers on ephemeral loopback ports,
 //! prints a markdown table of medians, p99s and ratios, and writes it as JSON under
 //! bench/results/. Peers come from Debian packages (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed
 //! when missing.
 
 mod agent_start;
+mod autoscale;
 mod density;
 mod gateway;
 mod launch;
@@ -40,6 +42,9 @@ struct Cli {
     /// density: idle instances to reach, in steps of 100.
     #[arg(long, default_value_t = 500, global = true)]
     density_instances: usize,
+    /// Up/down cycles of the autoscale soak.
+    #[arg(long, default_value_t = 100, global = true)]
+    cycles: usize,
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +67,8 @@ enum Suite {
     Density,
     /// Agent "start instance" → ready, one at a time, vs `runc run` to first response.
     AgentStart,
+    /// Autoscaler: step-load trace (+ PNG), up/down soak under load, anti-thrash off vs on.
+    Autoscale,
 }
 
 /// One measured row: what, Ferry's figure, the peer's, and their ratio.
@@ -257,6 +264,10 @@ fn main() -> Result<()> {
             let (how, rows) = density::density(&ferry, &testapp, cli.density_instances)?;
             print_and_save("density", &how, rows)?;
         }
+    }
+    if want(Suite::Autoscale) {
+        let (how, rows) = autoscale::autoscale(cli.cycles)?;
+        print_and_save("autoscale", &how, rows)?;
     }
     Ok(())
 }

@@ -58,6 +58,7 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
@@ -271,6 +272,21 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
         what: format!("bridge {}", cfg.bridge),
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
+    // A bridge whose MAC the kernel chose follows its lowest port's MAC, so it changes as
+    // instances come and go, and the instances' ARP entries for the gateway address go stale:
+    // their packets to it are lost until ARP recovers (responses held for ~100 s under
+    // scale-downs). A MAC set by us stays.
+    let assigned = fs::read_to_string(format!("/sys/class/net/{}/addr_assign_type", cfg.bridge))
+        .map(|s| s.trim() == "3")
+        .unwrap_or(false);
+    if !assigned {
+        nl.request(
+            &format!("set the MAC of {}", cfg.bridge),
+            Msg::new(RTM_NEWLINK, 0)
+                .ifinfo(idx, 0, 0)
+                .attr(IFLA_ADDRESS, &bridge_mac(&cfg.bridge)),
+        )?;
+    }
     add_addr(&nl, idx, cfg.gateway, cfg.prefix, &cfg.bridge)?;
     link_up(&nl, idx, &cfg.bridge)?;
     let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
@@ -293,6 +309,22 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
         tracing::warn!("iptables not found: instances get no outbound NAT");
     }
     Ok(())
+}
+
+/// A stable, locally administered unicast MAC for the bridge, from its name.
+fn bridge_mac(name: &str) -> [u8; 6] {
+    // FNV-1a: stable across runs and builds.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x02, 0x46, b[4], b[5], b[6], b[7]]
+}
+
+/// An instance's MAC: locally administered, from its IPv4 address (02:42:a:b:c:d).
+pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
 fn iptables() -> Option<PathBuf> {
@@ -384,8 +416,12 @@ pub fn setup_instance(
     m.attr_str(IFLA_INFO_KIND, "veth");
     let data = m.nest_start(IFLA_INFO_DATA);
     let peer = m.nest_start(VETH_INFO_PEER);
+    // eth0's MAC follows from its address (as Docker does): when an address is leased again,
+    // the host's ARP entry for it is still right, and the new instance is reachable at once
+    // instead of after the stale entry times out (readiness stuck for ~15 s under scale churn).
     m.ifinfo(0, 0, 0)
         .attr_str(IFLA_IFNAME, "eth0")
+        .attr(IFLA_ADDRESS, &instance_mac(ip))
         .attr(IFLA_NET_NS_PID, &(pid as u32).to_ne_bytes());
     m.nest_end(peer);
     m.nest_end(data);
@@ -559,6 +595,17 @@ impl Ipam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_mac_is_stable_local_unicast() {
+        let a = bridge_mac("ferry0");
+        assert_eq!(a, bridge_mac("ferry0"));
+        assert_ne!(a, bridge_mac("ferry1"));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
+        let m = instance_mac(Ipv4Addr::new(10, 88, 0, 7));
+        assert_eq!(m, [0x02, 0x42, 10, 88, 0, 7]);
+        assert_ne!(a[..2], m[..2], "bridge and instance MACs never meet");
+    }
 
     #[test]
     fn ipam_leases_distinct_addresses_and_skips_gateway() {

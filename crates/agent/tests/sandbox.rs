@@ -38,9 +38,18 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     eprintln!("dev: {}", dev.1);
     let hn = get(addr, "/hostname").await?;
     assert!(hn.1.contains(id), "{hn:?}");
+    // The bridge's MAC is ours, not its lowest port's: it stays as instances come and go, so
+    // the other instances' ARP entries for the gateway address stay right.
+    let sys = std::path::Path::new("/sys/class/net").join(&node.bridge);
+    let mac = std::fs::read_to_string(sys.join("address"))?;
+    assert_eq!(
+        std::fs::read_to_string(sys.join("addr_assign_type"))?.trim(),
+        "3"
+    );
     // Only our own processes are visible (pid namespace).
     let st = node.stop(id).await?;
     assert_eq!(st.state, InstanceState::Stopped);
+    assert_eq!(std::fs::read_to_string(sys.join("address"))?, mac);
     assert_eq!(st.reason, Some(ExitReason::Stopped));
     let left = leftovers(&node.data, id);
     assert!(left.is_empty(), "left behind: {left:?}");

@@ -80,4 +80,17 @@ pub struct RevisionStats {
     pub p99_latency_ms: f64,
     pub egress_bytes: u64,
     pub window_ms: u64,
+    /// Instances with requests in flight at the end of the window (the others have none):
+    /// control stops a draining instance once it has none, bounded by the request timeout.
+    #[serde(default)]
+    pub instances: Vec<InstanceLoad>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceLoad {
+    pub instance_id: String,
+    /// Requests in flight, upgraded connections (WebSockets) included.
+    pub in_flight: u32,
+    /// Of those, upgraded connections: kept up to the revision's WebSocket drain bound.
+    pub upgraded: u32,
 }

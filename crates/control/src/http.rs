@@ -68,6 +68,7 @@ pub(crate) fn router(c: Arc<Control>) -> axum::Router {
         .route("/v1/services/{name}/revisions", get(revisions))
         .route("/v1/services/{name}/traffic", put(set_traffic))
         .route("/v1/services/{name}/scale", put(scale))
+        .route("/v1/services/{name}/autoscaler", get(autoscaler))
         .route("/v1/services/{name}/logs", get(logs))
         .route(
             "/v1/services/{name}/exec",
@@ -129,11 +130,7 @@ fn view(c: &Control, svc: &ServiceRecord, revs: &[RevisionRecord]) -> ServiceVie
                     .filter(|i| i.state == ferry_api::agent::InstanceState::Ready)
                     .count() as u32,
                 instances: of_rev().count() as u32,
-                desired_instances: live
-                    .signals
-                    .get(&r.name)
-                    .and_then(|s| s.history.iter().map(|h| h.1).max())
-                    .unwrap_or(0),
+                desired_instances: live.scalers.get(&r.name).map_or(0, |s| s.desired),
             }
         })
         .collect();
@@ -142,7 +139,9 @@ fn view(c: &Control, svc: &ServiceRecord, revs: &[RevisionRecord]) -> ServiceVie
             .get(&r.name)
             .and_then(|s| s.last_failure.clone())
     });
+    let autoscaler = autoscaler_views(&live, revs);
     ServiceView {
+        autoscaler,
         name: svc.name.clone(),
         url: url(c, &svc.name),
         spec: svc.spec.clone(),
@@ -154,6 +153,30 @@ fn view(c: &Control, svc: &ServiceRecord, revs: &[RevisionRecord]) -> ServiceVie
         updated_ms: svc.updated_ms,
         last_failure,
     }
+}
+
+/// The autoscaler's view of every revision it has state for (in traffic now or lately).
+fn autoscaler_views(
+    live: &crate::state::Live,
+    revs: &[RevisionRecord],
+) -> Vec<ferry_api::service::AutoscalerView> {
+    revs.iter()
+        .filter_map(|r| live.scalers.get(&r.name).map(|s| s.view(&r.name)))
+        .filter(|v| v.desired > 0 || v.instances > 0 || !v.decisions.is_empty())
+        .collect()
+}
+
+/// `GET /v1/services/{name}/autoscaler`: metrics, targets, desired vs ready, panic and
+/// anti-thrash state, and the last decisions, per revision.
+async fn autoscaler(
+    State(c): State<Arc<Control>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<ferry_api::service::AutoscalerView>>> {
+    check_name(&name)?;
+    c.store.service(&name)?.ok_or_else(|| not_found(&name))?;
+    let revs = c.store.revisions(&name)?;
+    let live = c.live.lock().expect("live state lock");
+    Ok(Json(autoscaler_views(&live, &revs)))
 }
 
 async fn list_services(State(c): State<Arc<Control>>) -> Result<Json<Vec<ServiceView>>> {
@@ -763,6 +786,7 @@ mod tests {
             p99_latency_ms: 1.0,
             egress_bytes: 0,
             window_ms: 1000,
+            instances: vec![],
         };
         let ev = from_stats(start + 1_000, &[stats]);
         c.store.record_usage(&ev).unwrap();

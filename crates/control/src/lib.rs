@@ -11,6 +11,8 @@
 
 pub mod autoscale;
 mod http;
+mod prom;
+pub mod scaling;
 pub mod scheduler;
 pub mod state;
 pub mod store;
@@ -143,6 +145,7 @@ pub async fn serve(
         links.gateway_events,
         shutdown.clone(),
     ));
+    tasks.spawn(scrape_loop(control.clone(), shutdown.clone()));
     tasks.spawn(reconcile_loop(
         control.clone(),
         links.routes,
@@ -172,6 +175,15 @@ async fn agent_events(
             _ = shutdown.cancelled() => return,
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         };
+        {
+            // Resource samples feed the autoscaler's CPU and memory metrics.
+            let mut live = c.live.lock().expect("live state lock");
+            for ev in &batch {
+                if let AgentEvent::Usage(sample) = ev {
+                    live.on_usage(sample);
+                }
+            }
+        }
         for ev in batch.drain(..) {
             if let AgentEvent::Usage(sample) = ev {
                 seen.push((usage::instance_event_id(&sample.instance_id), sample.at_ms));
@@ -239,25 +251,72 @@ async fn gateway_events(
             GatewayEvent::Demand {
                 revision, waiting, ..
             } => {
-                let sig = live.signals.entry(revision).or_default();
-                sig.waiting = waiting;
-                sig.demand_at_ms = now;
-                sig.last_active_ms = now;
+                live.scalers
+                    .entry(revision)
+                    .or_default()
+                    .on_demand(waiting, now);
                 drop(live);
                 c.wake.notify_one();
             }
             GatewayEvent::Stats { revisions, .. } => {
-                for r in revisions {
-                    let sig = live.signals.entry(r.revision).or_default();
-                    // Queued requests count as load too.
-                    sig.avg_concurrency =
-                        r.avg_concurrency.max(f64::from(r.max_concurrency.min(1)))
-                            + f64::from(r.queue_depth);
-                    sig.stats_at_ms = now;
-                    sig.waiting = r.queue_depth;
-                    if r.requests > 0 || r.max_concurrency > 0 || r.queue_depth > 0 {
-                        sig.last_active_ms = now;
+                live.on_gateway_load(&revisions);
+                for r in &revisions {
+                    live.scalers
+                        .entry(r.revision.clone())
+                        .or_default()
+                        .on_stats(r, now);
+                }
+            }
+        }
+    }
+}
+
+/// Once a second, reads the custom metrics of every ready instance whose revision scales on
+/// one: `GET http://<instance><path>`, Prometheus text, the named gauges summed over series.
+async fn scrape_loop(c: Arc<Control>, shutdown: CancellationToken) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let targets = c.live.lock().expect("live state lock").scrape_targets();
+        if targets.is_empty() {
+            continue;
+        }
+        let scrapes = targets.into_iter().map(|t| {
+            let client = client.clone();
+            async move {
+                let url = format!("http://{}{}", t.address, t.path);
+                let text = async {
+                    client
+                        .get(&url)
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .text()
+                        .await
+                };
+                (t, text.await)
+            }
+        });
+        let results = futures_util::future::join_all(scrapes).await;
+        let now = state::now_ms();
+        let mut live = c.live.lock().expect("live state lock");
+        for (t, res) in results {
+            match res {
+                Ok(text) => {
+                    for name in &t.names {
+                        if let Some(v) = prom::value(&text, name) {
+                            live.on_custom(&t.revision, &t.instance, name, v, now);
+                        }
                     }
+                }
+                Err(e) => {
+                    tracing::debug!(instance = %t.instance, path = %t.path, error = %e, "scraping custom metrics");
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The control plane's live view (nodes, instances, traffic signals) and the reconcile step
 //! that turns desired state plus signals into agent commands and a route table.
 
+use crate::scaling::{self, RevScaler};
 use crate::scheduler::{self, NodeCapacity};
 use crate::store::{RevisionRecord, ServiceRecord};
 use ferry_api::agent::{
@@ -8,16 +9,30 @@ use ferry_api::agent::{
     ProbeKind,
 };
 use ferry_api::gateway::{Endpoint, RevisionRoute, RouteTable, ServiceRoute, TrafficTarget};
-use ferry_api::service::{InstanceView, ServiceSpec};
+use ferry_api::service::InstanceView;
 use ferry_api::{Cpu, ImageRef, Memory};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
-/// How long a stopped instance stays out of the load balancer before it gets SIGTERM, so the
-/// gateway has the new table and in-flight requests finish.
+/// How long a stopped instance stays out of the load balancer at least before it gets SIGTERM,
+/// so the gateway has the new table and has reported what is still in flight on it (its stats
+/// come every second). After that it waits while requests are in flight, up to the request
+/// timeout, and while WebSockets are open, up to the revision's WebSocket drain bound.
 pub const DRAIN_MS: u64 = 1_500;
-/// Signals older than this are stale.
-const SIGNAL_TTL_MS: u64 = 3_000;
+
+/// Whether a draining instance may get its stop now (SIGTERM, grace, SIGKILL).
+pub fn drained(
+    waited_ms: u64,
+    in_flight: (u32, u32),
+    request_timeout_ms: u64,
+    websocket_bound_ms: u64,
+) -> bool {
+    let (all, upgraded) = in_flight;
+    let requests = all.saturating_sub(upgraded);
+    waited_ms >= DRAIN_MS
+        && (requests == 0 || waited_ms >= request_timeout_ms)
+        && (upgraded == 0 || waited_ms >= websocket_bound_ms)
+}
 
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -34,6 +49,9 @@ pub struct Instance {
     /// Set when control decided to stop it: out of routing from then on.
     pub draining_since: Option<u64>,
     pub stop_sent: bool,
+    /// Requests (upgraded connections included) and upgraded connections in flight on it,
+    /// from the gateway's latest stats.
+    pub in_flight: (u32, u32),
 }
 
 impl Instance {
@@ -59,17 +77,9 @@ impl Instance {
     }
 }
 
-/// Traffic signals of one revision.
+/// Start failures of one revision, for backoff and the API.
 #[derive(Debug, Default, Clone)]
 pub struct RevisionSignals {
-    pub waiting: u32,
-    pub demand_at_ms: u64,
-    pub avg_concurrency: f64,
-    pub stats_at_ms: u64,
-    /// Last time the revision had any request in flight or waiting.
-    pub last_active_ms: u64,
-    /// (time, desired) samples inside the scale-down window.
-    pub history: VecDeque<(u64, u32)>,
     pub failures: u32,
     pub backoff_until_ms: u64,
     pub last_failure: Option<String>,
@@ -80,6 +90,8 @@ pub struct Live {
     pub nodes: BTreeMap<String, NodeInfo>,
     pub instances: BTreeMap<String, Instance>,
     pub signals: HashMap<String, RevisionSignals>,
+    /// Metric history and autoscaler state per revision.
+    pub scalers: HashMap<String, RevScaler>,
     pub route_version: u64,
     pub last_routes: Option<Vec<ServiceRoute>>,
 }
@@ -91,64 +103,6 @@ pub struct Actions {
     pub routes: Option<RouteTable>,
     /// Services whose rollout completed: move all traffic to this revision.
     pub rollouts: Vec<(String, String)>,
-}
-
-/// The instance count the load asks for, before the scale-down window.
-pub fn wanted(spec: &ServiceSpec, sig: &RevisionSignals, now_ms: u64, in_traffic: bool) -> u32 {
-    if !in_traffic {
-        return 0;
-    }
-    let target = f64::from(spec.target_concurrency.max(1));
-    let mut n = spec.min_instances;
-    if now_ms.saturating_sub(sig.stats_at_ms) < SIGNAL_TTL_MS && sig.avg_concurrency > 0.0 {
-        n = n.max((sig.avg_concurrency / target).ceil() as u32);
-    }
-    if sig.waiting > 0 && now_ms.saturating_sub(sig.demand_at_ms) < SIGNAL_TTL_MS {
-        n = n.max(sig.waiting.div_ceil(spec.target_concurrency.max(1)));
-    }
-    n.min(spec.max_instances)
-}
-
-/// The desired count after the scale-down window: the largest wanted count seen within the
-/// idle grace, so a revision scales down (and to zero) only after `idle_grace_secs` without
-/// the load that needed those instances.
-pub fn desired(
-    spec: &ServiceSpec,
-    sig: &mut RevisionSignals,
-    now_ms: u64,
-    in_traffic: bool,
-) -> u32 {
-    let w = wanted(spec, sig, now_ms, in_traffic);
-    if !in_traffic {
-        sig.history.clear();
-        return 0;
-    }
-    let window = spec.idle_grace_secs.saturating_mul(1000);
-    sig.history.push_back((now_ms, w));
-    while sig
-        .history
-        .front()
-        .is_some_and(|(t, _)| now_ms.saturating_sub(*t) > window)
-    {
-        sig.history.pop_front();
-    }
-    // Keep the history small: collapse runs of equal samples.
-    while sig.history.len() > 2 {
-        let n = sig.history.len();
-        if sig.history[n - 1].1 == sig.history[n - 2].1
-            && sig.history[n - 2].1 == sig.history[n - 3].1
-        {
-            sig.history.remove(n - 2);
-        } else {
-            break;
-        }
-    }
-    sig.history
-        .iter()
-        .map(|(_, d)| *d)
-        .max()
-        .unwrap_or(w)
-        .clamp(spec.min_instances, spec.max_instances)
 }
 
 pub fn now_ms() -> u64 {
@@ -190,7 +144,79 @@ fn instance_spec(rev: &RevisionRecord, id: &str) -> Result<InstanceSpec, String>
     })
 }
 
+/// One instance to scrape custom metrics from.
+#[derive(Debug, Clone)]
+pub struct ScrapeTarget {
+    pub revision: String,
+    pub instance: String,
+    pub address: SocketAddr,
+    pub path: String,
+    pub names: Vec<String>,
+}
+
 impl Live {
+    /// An agent's resource sample: CPU and memory use against the instance's allocation.
+    pub fn on_usage(&mut self, s: &ferry_api::agent::ResourceSample) {
+        if let Some(i) = self.instances.get(&s.instance_id)
+            && i.live()
+            && i.state == InstanceState::Ready
+        {
+            let (cpu, mem) = (i.cpu.millis(), i.memory.bytes());
+            self.scalers
+                .entry(i.revision.clone())
+                .or_default()
+                .on_usage(s, cpu, mem);
+        }
+    }
+
+    /// The gateway's per-instance load: instances it does not list have nothing in flight.
+    pub fn on_gateway_load(&mut self, revisions: &[ferry_api::gateway::RevisionStats]) {
+        for i in self.instances.values_mut() {
+            i.in_flight = (0, 0);
+        }
+        for l in revisions.iter().flat_map(|r| r.instances.iter()) {
+            if let Some(i) = self.instances.get_mut(&l.instance_id) {
+                i.in_flight = (l.in_flight, l.upgraded);
+            }
+        }
+    }
+
+    pub fn on_custom(&mut self, revision: &str, instance: &str, name: &str, v: f64, now: u64) {
+        if let Some(sc) = self.scalers.get_mut(revision) {
+            sc.on_custom(instance, name, v, now);
+        }
+    }
+
+    /// Ready instances of revisions that scale on a custom metric, one entry per path.
+    pub fn scrape_targets(&self) -> Vec<ScrapeTarget> {
+        let mut out = Vec::new();
+        for i in self.instances.values() {
+            let Some(address) = i.address else { continue };
+            if !i.live() || i.state != InstanceState::Ready {
+                continue;
+            }
+            let Some(sc) = self.scalers.get(&i.revision) else {
+                continue;
+            };
+            let mut by_path: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for m in &sc.metrics {
+                if let (Some(p), Some(n)) = (&m.path, &m.name) {
+                    by_path.entry(p).or_default().push(n.clone());
+                }
+            }
+            for (path, names) in by_path {
+                out.push(ScrapeTarget {
+                    revision: i.revision.clone(),
+                    instance: i.id.clone(),
+                    address,
+                    path: path.to_string(),
+                    names,
+                });
+            }
+        }
+        out
+    }
+
     /// Applies an agent's status report. Returns a command when control does not know the
     /// instance (it must not run).
     pub fn on_status(&mut self, st: InstanceStatus, now: u64) -> Option<(String, AgentCommand)> {
@@ -306,11 +332,6 @@ impl Live {
                     .any(|t| t.revision == rev.name && t.percent > 0)
                     || (svc.rollout_pending && rev.name == svc.latest_revision);
                 let sig = self.signals.entry(rev.name.clone()).or_default();
-                // Scaling bounds come from the service (scale changes them without a revision).
-                let mut spec = rev.spec.clone();
-                spec.min_instances = svc.spec.min_instances;
-                spec.max_instances = svc.spec.max_instances;
-                let want = desired(&spec, sig, now, in_traffic);
                 let backoff = sig.backoff_until_ms > now;
                 let last_failure = sig.last_failure.clone();
                 let live: Vec<&Instance> = self
@@ -319,6 +340,22 @@ impl Live {
                     .filter(|i| i.revision == rev.name && i.live())
                     .collect();
                 let n_live = live.len() as u32;
+                let ready: Vec<&str> = live
+                    .iter()
+                    .filter(|i| i.state == InstanceState::Ready)
+                    .map(|i| i.id.as_str())
+                    .collect();
+                let scaler = self.scalers.entry(rev.name.clone()).or_default();
+                let want = if in_traffic {
+                    // Scaling bounds come from the service (scale changes them without a
+                    // revision); the rest of the autoscaler's settings from the revision.
+                    let cfg =
+                        scaling::config(svc.spec.min_instances, svc.spec.max_instances, &rev.spec);
+                    scaler.tick(now, &ready, n_live, rev.spec.scale_metrics(), cfg)
+                } else {
+                    scaler.out_of_traffic(now);
+                    0
+                };
                 if n_live < want && !backoff {
                     for _ in n_live..want {
                         let caps = self.capacity();
@@ -339,6 +376,9 @@ impl Live {
                                 match instance_spec(rev, &id) {
                                     Ok(spec) => {
                                         tracing::info!(service = %svc.name, revision = %rev.name, instance = %id, node = %node.name, "starting instance");
+                                        if let Some(sc) = self.scalers.get_mut(&rev.name) {
+                                            sc.starts += 1;
+                                        }
                                         actions.commands.push((
                                             node.name.clone(),
                                             AgentCommand::Start {
@@ -360,6 +400,7 @@ impl Live {
                                                 reason: None,
                                                 draining_since: None,
                                                 stop_sent: false,
+                                                in_flight: (0, 0),
                                             },
                                         );
                                     }
@@ -400,6 +441,9 @@ impl Live {
                         if let Some(i) = self.instances.get_mut(&id) {
                             tracing::info!(revision = %rev.name, instance = %id, "scaling down");
                             i.draining_since = Some(now);
+                            if let Some(sc) = self.scalers.get_mut(&rev.name) {
+                                sc.stops += 1;
+                            }
                         }
                     }
                 }
@@ -438,17 +482,26 @@ impl Live {
                 revisions: rev_routes,
             });
         }
+        self.scalers.retain(|r, _| known.contains_key(r.as_str()));
         // Instances of deleted services or revisions drain too.
         for i in self.instances.values_mut() {
             if i.live() && !known.contains_key(i.revision.as_str()) {
                 i.draining_since = Some(now);
             }
         }
-        // Draining instances get their stop once the gateway has had time to let go.
+        // Draining instances get their stop once the gateway has let go and what was in flight
+        // on them has finished (bounded).
         for i in self.instances.values_mut() {
+            let bounds = known.get(i.revision.as_str()).map_or((0, 0), |r| {
+                (
+                    r.spec.request_timeout_secs * 1000,
+                    r.spec.websocket_drain_secs * 1000,
+                )
+            });
             if let Some(since) = i.draining_since
                 && !i.stop_sent
-                && (now.saturating_sub(since) >= DRAIN_MS || i.state != InstanceState::Ready)
+                && (i.state != InstanceState::Ready
+                    || drained(now.saturating_sub(since), i.in_flight, bounds.0, bounds.1))
             {
                 i.stop_sent = true;
                 let grace_ms = known
@@ -490,78 +543,147 @@ pub fn describe_reason(r: &ExitReason) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use ferry_api::service::ServiceSpec;
 
-    fn spec(min: u32, max: u32) -> ServiceSpec {
-        let mut s = ServiceSpec::new("r/x:v1");
-        s.min_instances = min;
-        s.max_instances = max;
-        s.target_concurrency = 10;
-        s.idle_grace_secs = 30;
-        s
+    fn service() -> Vec<(ServiceRecord, Vec<RevisionRecord>)> {
+        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "image": "r/x:v1", "cpu": "100m", "memory": "64Mi", "target_concurrency": 2,
+            "idle_grace_secs": 3, "autoscaling": { "stable_window_secs": 4 }
+        }))
+        .unwrap();
+        let rev = RevisionRecord {
+            name: "s-00001".into(),
+            service: "s".into(),
+            image: "r/x@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                .into(),
+            spec: spec.clone(),
+            created_ms: 0,
+        };
+        let svc = ServiceRecord {
+            name: "s".into(),
+            spec,
+            latest_revision: rev.name.clone(),
+            traffic: vec![TrafficTarget {
+                revision: rev.name.clone(),
+                percent: 100,
+            }],
+            created_ms: 0,
+            updated_ms: 0,
+            rollout_pending: false,
+        };
+        vec![(svc, vec![rev])]
+    }
+
+    fn ready_all(live: &mut Live, now: u64) {
+        let ids: Vec<String> = live.instances.keys().cloned().collect();
+        for (n, id) in ids.into_iter().enumerate() {
+            live.on_status(
+                InstanceStatus {
+                    instance_id: id,
+                    node: "n".into(),
+                    state: InstanceState::Ready,
+                    address: Some(format!("10.0.0.{}:8080", n + 2).parse().unwrap()),
+                    reason: None,
+                    at_ms: now,
+                },
+                now,
+            );
+        }
     }
 
     #[test]
-    fn scales_from_zero_on_demand_and_to_zero_after_grace() {
-        let s = spec(0, 10);
-        let mut sig = RevisionSignals {
-            waiting: 25,
-            demand_at_ms: 1_000,
-            ..Default::default()
-        };
-        assert_eq!(desired(&s, &mut sig, 1_000, true), 3, "ceil(25/10)");
-        sig.waiting = 0;
-        sig.avg_concurrency = 5.0;
-        sig.stats_at_ms = 2_000;
-        assert_eq!(
-            desired(&s, &mut sig, 2_000, true),
-            3,
-            "no scale-down inside the window"
+    fn drain_waits_for_in_flight_requests_and_websockets_within_bounds() {
+        assert!(
+            !drained(1_000, (0, 0), 300_000, 60_000),
+            "the gateway lets go first"
         );
-        sig.avg_concurrency = 0.0;
-        assert_eq!(
-            desired(&s, &mut sig, 20_000, true),
-            3,
-            "still inside the idle grace"
+        assert!(drained(DRAIN_MS, (0, 0), 300_000, 60_000));
+        assert!(
+            !drained(5_000, (2, 0), 300_000, 60_000),
+            "requests in flight"
         );
-        assert_eq!(
-            desired(&s, &mut sig, 31_999, true),
-            1,
-            "the burst of 3 left the window; the load of 1 not yet"
+        assert!(
+            drained(300_000, (2, 0), 300_000, 60_000),
+            "bounded by the request timeout"
         );
-        assert_eq!(
-            desired(&s, &mut sig, 32_001, true),
-            0,
-            "idle for the grace: zero"
+        assert!(
+            !drained(30_000, (1, 1), 300_000, 60_000),
+            "a WebSocket is open"
         );
-        assert_eq!(desired(&s, &mut sig, 32_002, false), 0);
-        let mut floor = RevisionSignals::default();
-        assert_eq!(
-            desired(&spec(2, 10), &mut floor, 40_000, true),
-            2,
-            "min instances kept"
+        assert!(
+            drained(60_000, (1, 1), 300_000, 60_000),
+            "bounded by the WebSocket bound"
+        );
+        assert!(
+            !drained(60_000, (2, 1), 300_000, 60_000),
+            "and a request still runs"
         );
     }
 
-    proptest! {
-        #[test]
-        fn desired_stays_within_bounds(
-            min in 0u32..5, extra in 1u32..20, waiting in 0u32..1000, conc in 0.0f64..500.0,
-            times in proptest::collection::vec(0u64..100_000, 1..30),
-        ) {
-            let s = spec(min, min + extra);
-            let mut sig = RevisionSignals::default();
-            let mut sorted = times.clone();
-            sorted.sort();
-            for t in sorted {
-                sig.waiting = waiting;
-                sig.demand_at_ms = t;
-                sig.avg_concurrency = conc;
-                sig.stats_at_ms = t;
-                let d = desired(&s, &mut sig, t, true);
-                prop_assert!(d >= min && d <= min + extra);
-                prop_assert!(sig.history.len() <= 64);
-            }
-        }
+    /// Demand starts instances; when the load is gone they leave the route table first and
+    /// get their stop (SIGTERM, grace, SIGKILL) only after the drain delay.
+    #[test]
+    fn autoscaled_up_then_drained_down() {
+        let mut live = Live::default();
+        live.nodes.insert(
+            "n".into(),
+            NodeInfo {
+                node: "n".into(),
+                cpu_allocatable: Cpu(4000),
+                memory_allocatable: Memory(4 << 30),
+                cached_images: vec![],
+                api_address: None,
+            },
+        );
+        let svcs = service();
+        let t0 = 1_000_000;
+        live.scalers
+            .entry("s-00001".into())
+            .or_default()
+            .on_demand(6, t0);
+        let a = live.reconcile(&svcs, t0);
+        let starts = a
+            .commands
+            .iter()
+            .filter(|(_, c)| matches!(c, AgentCommand::Start { .. }))
+            .count();
+        assert_eq!(starts, 3, "6 waiting / target 2");
+        ready_all(&mut live, t0 + 100);
+        let a = live.reconcile(&svcs, t0 + 200);
+        let routed = |a: &Actions| {
+            a.routes
+                .as_ref()
+                .map(|r| r.services[0].revisions[0].instances.len())
+        };
+        assert_eq!(routed(&a), Some(3));
+        // No load for longer than the stable window and the grace: out of routing, no stop yet.
+        let t1 = t0 + 10_000;
+        let a = live.reconcile(&svcs, t1);
+        assert_eq!(routed(&a), Some(0));
+        assert!(
+            !a.commands
+                .iter()
+                .any(|(_, c)| matches!(c, AgentCommand::Stop { .. })),
+            "{:?}",
+            a.commands
+        );
+        let a = live.reconcile(&svcs, t1 + DRAIN_MS);
+        let stops = a
+            .commands
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c,
+                    AgentCommand::Stop {
+                        grace_ms: 10_000,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(stops, 3);
+        let v = live.scalers["s-00001"].view("s-00001");
+        assert_eq!((v.starts, v.stops, v.desired), (3, 3, 0));
+        assert!(v.decisions.len() >= 2, "{v:?}");
     }
 }

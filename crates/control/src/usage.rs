@@ -141,6 +141,7 @@ mod tests {
             reason: None,
             draining_since: None,
             stop_sent: false,
+            in_flight: (0, 0),
         }
     }
 
@@ -319,6 +320,7 @@ mod tests {
             p99_latency_ms: 0.0,
             egress_bytes: egress,
             window_ms: 1000,
+            instances: vec![],
         }
     }
 

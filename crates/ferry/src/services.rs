@@ -4,7 +4,9 @@
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ferry_api::gateway::TrafficTarget;
-use ferry_api::service::{ApiError, RevisionView, ScaleRequest, ServiceSpec, ServiceView};
+use ferry_api::service::{
+    ApiError, MetricKind, MetricTarget, RevisionView, ScaleRequest, ServiceSpec, ServiceView,
+};
 use serde::de::DeserializeOwned;
 
 #[derive(Args, Clone)]
@@ -141,6 +143,45 @@ pub struct DeployArgs {
     /// Speak h2c to instances.
     #[arg(long)]
     h2c: bool,
+    /// What the autoscaler scales on, with its per-instance target (repeatable; replaces the
+    /// list): `concurrency=10`, `rps=100`, `p99_latency_ms=250`, `cpu=70` (percent),
+    /// `memory=80`, `queue=5`, `custom:NAME@/PATH=TARGET`.
+    #[arg(long = "scale-metric")]
+    scale_metrics: Vec<String>,
+    /// Autoscaler stable window: `60s`, `2m`.
+    #[arg(long, value_parser = parse_secs)]
+    stable_window: Option<u64>,
+    /// Panic window as a percentage of the stable window.
+    #[arg(long)]
+    panic_window_pct: Option<u32>,
+    /// Panic when the panic-window demand reaches this percentage of what is ready.
+    #[arg(long)]
+    panic_threshold_pct: Option<u32>,
+    /// The count falls only to the largest wanted within this delay: `0s`, `30s`.
+    #[arg(long, value_parser = parse_secs)]
+    scale_down_delay: Option<u64>,
+    /// At most this many times the ready count per decision.
+    #[arg(long)]
+    max_scale_up_rate: Option<f64>,
+    /// Down to no fewer than ready / this per decision.
+    #[arg(long)]
+    max_scale_down_rate: Option<f64>,
+    /// Damping against thrash: `on` or `off`.
+    #[arg(long, value_parser = parse_on_off)]
+    anti_thrash: Option<bool>,
+    /// Direction flips within the anti-thrash window that engage it.
+    #[arg(long)]
+    anti_thrash_flips: Option<u32>,
+    /// The window flips are counted in: `120s`.
+    #[arg(long, value_parser = parse_secs)]
+    anti_thrash_window: Option<u64>,
+    /// How long the warm count is held once engaged: `120s`.
+    #[arg(long, value_parser = parse_secs)]
+    anti_thrash_cooldown: Option<u64>,
+    /// On scale-down or a revision switch, keep a draining instance's WebSockets up to this
+    /// long before SIGTERM: `60s`.
+    #[arg(long, value_parser = parse_secs)]
+    websocket_drain: Option<u64>,
     /// Wait until the new revision serves the traffic.
     #[arg(long)]
     wait: bool,
@@ -459,6 +500,47 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
     if a.h2c {
         spec.h2c = true;
     }
+    if let Some(v) = a.websocket_drain {
+        spec.websocket_drain_secs = v;
+    }
+    if !a.scale_metrics.is_empty() {
+        spec.autoscaling.metrics = a
+            .scale_metrics
+            .iter()
+            .map(|m| parse_scale_metric(m))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    let auto = &mut spec.autoscaling;
+    if let Some(v) = a.stable_window {
+        auto.stable_window_secs = v;
+    }
+    if let Some(v) = a.panic_window_pct {
+        auto.panic_window_pct = v;
+    }
+    if let Some(v) = a.panic_threshold_pct {
+        auto.panic_threshold_pct = v;
+    }
+    if let Some(v) = a.scale_down_delay {
+        auto.scale_down_delay_secs = v;
+    }
+    if let Some(v) = a.max_scale_up_rate {
+        auto.max_scale_up_rate = v;
+    }
+    if let Some(v) = a.max_scale_down_rate {
+        auto.max_scale_down_rate = v;
+    }
+    if let Some(v) = a.anti_thrash {
+        auto.anti_thrash.enabled = v;
+    }
+    if let Some(v) = a.anti_thrash_flips {
+        auto.anti_thrash.max_flips = v;
+    }
+    if let Some(v) = a.anti_thrash_window {
+        auto.anti_thrash.window_secs = v;
+    }
+    if let Some(v) = a.anti_thrash_cooldown {
+        auto.anti_thrash.cooldown_secs = v;
+    }
     if !a.api.json {
         eprintln!("resolving {} ...", spec.image);
     }
@@ -523,7 +605,35 @@ fn describe(s: &ServiceView) {
         s.spec.target_concurrency,
         s.spec.idle_grace_secs
     );
+    let a = &s.spec.autoscaling;
+    let metrics: Vec<String> = s
+        .spec
+        .scale_metrics()
+        .iter()
+        .map(|m| format!("{}={}", m.label(), m.target))
+        .collect();
+    println!(
+        "Autoscaler:  {} | stable {}s panic {}% at {}% | delay {}s | rates up {} down {} | anti-thrash {}",
+        metrics.join(" "),
+        a.stable_window_secs,
+        a.panic_window_pct,
+        a.panic_threshold_pct,
+        a.scale_down_delay_secs,
+        a.max_scale_up_rate,
+        a.max_scale_down_rate,
+        if a.anti_thrash.enabled {
+            format!(
+                "on (>{} flips in {}s holds {}s)",
+                a.anti_thrash.max_flips, a.anti_thrash.window_secs, a.anti_thrash.cooldown_secs
+            )
+        } else {
+            "off".to_string()
+        }
+    );
     println!("Traffic:     {}", traffic_str(&s.traffic));
+    for v in &s.autoscaler {
+        describe_autoscaler(v);
+    }
     if let Some(f) = &s.last_failure {
         println!("Last failure: {f}");
     }
@@ -541,6 +651,123 @@ fn describe(s: &ServiceView) {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into());
         println!("  {}  {:?}  {}  node {}", i.id, i.state, addr, i.node);
+    }
+}
+
+/// `60`, `60s`, `2m`, `1h` → seconds.
+fn parse_secs(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.trim() {
+        t if t.ends_with('h') => (&t[..t.len() - 1], 3600),
+        t if t.ends_with('m') => (&t[..t.len() - 1], 60),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1),
+        t => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: expected a duration like 60s, 2m or 1h"))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
+/// `rps=100`, `cpu=70`, `custom:NAME@/PATH=5`.
+fn parse_scale_metric(s: &str) -> anyhow::Result<MetricTarget> {
+    let (what, target) = s
+        .rsplit_once('=')
+        .with_context(|| format!("--scale-metric {s:?}: expected KIND=TARGET"))?;
+    let target: f64 = target
+        .parse()
+        .ok()
+        .filter(|t: &f64| t.is_finite() && *t > 0.0)
+        .with_context(|| format!("--scale-metric {s:?}: target must be a number above 0"))?;
+    let (kind, path, name) = match what.strip_prefix("custom:") {
+        Some(rest) => {
+            let (name, path) = rest.split_once('@').with_context(|| {
+                format!("--scale-metric {s:?}: a custom metric is custom:NAME@/PATH=TARGET")
+            })?;
+            (
+                MetricKind::Custom,
+                Some(path.to_string()),
+                Some(name.to_string()),
+            )
+        }
+        None => (
+            what.parse::<MetricKind>()
+                .map_err(|e| anyhow::anyhow!("--scale-metric {s:?}: {e}"))?,
+            None,
+            None,
+        ),
+    };
+    Ok(MetricTarget {
+        kind,
+        target,
+        path,
+        name,
+    })
+}
+
+fn describe_autoscaler(v: &ferry_api::service::AutoscalerView) {
+    let t = &v.anti_thrash;
+    let thrash = match (t.enabled, t.warm_floor) {
+        (false, _) => format!("off ({} flips seen)", t.flips_total),
+        (true, Some(f)) => format!(
+            "ENGAGED, holding {f} warm until {} (level {}, {} flips in total)",
+            t.engaged_until_ms.map(format_ms).unwrap_or_default(),
+            t.level,
+            t.flips_total
+        ),
+        (true, None) => format!(
+            "calm (level {}, {} flips in window, {} in total)",
+            t.level, t.flips_in_window, t.flips_total
+        ),
+    };
+    println!(
+        "  {}: desired {} ready {} live {}{} | started {} stopped {}",
+        v.revision,
+        v.desired,
+        v.ready,
+        v.instances,
+        if v.panicking { " | PANIC" } else { "" },
+        v.starts,
+        v.stops
+    );
+    println!("    anti-thrash: {thrash}");
+    let mut rows = vec![vec![
+        "    METRIC".to_string(),
+        "TARGET".into(),
+        "NOW".into(),
+        format!("STABLE {}s", v.stable_window_secs),
+        format!("PANIC {}ms", v.panic_window_ms),
+        "WANTS".into(),
+    ]];
+    for m in &v.metrics {
+        rows.push(vec![
+            format!("    {}", m.metric),
+            format!("{}", m.target),
+            format!("{:.2}", m.current),
+            format!("{:.2}", m.stable),
+            format!("{:.2}", m.panic),
+            m.wanted.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    if !v.decisions.is_empty() {
+        println!("    last decisions:");
+        for d in v.decisions.iter().rev().take(10) {
+            println!(
+                "      {}  {} -> {}  {}",
+                format_ms(d.at_ms),
+                d.from,
+                d.to,
+                d.reason
+            );
+        }
     }
 }
 
@@ -583,5 +810,27 @@ fn print_table(rows: &[Vec<String>]) {
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
         println!("{}", line.join("  ").trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(parse_secs("60s"), Ok(60));
+        assert_eq!(parse_secs("2m"), Ok(120));
+        assert_eq!(parse_secs("7"), Ok(7));
+        assert!(parse_secs("soon").is_err());
+        let m = parse_scale_metric("rps=100").unwrap();
+        assert_eq!((m.kind, m.target), (MetricKind::Rps, 100.0));
+        let m = parse_scale_metric("custom:jobs_waiting@/metrics=5").unwrap();
+        assert_eq!(m.kind, MetricKind::Custom);
+        assert_eq!(m.name.as_deref(), Some("jobs_waiting"));
+        assert_eq!(m.path.as_deref(), Some("/metrics"));
+        for bad in ["rps", "rps=0", "gpu=1", "custom:x=1", "cpu=lots"] {
+            assert!(parse_scale_metric(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -481,7 +481,7 @@ async fn hold(
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    guard: InflightGuard,
+    mut guard: InflightGuard,
     rev: Arc<RevState>,
 ) {
     let (c, u) = match tokio::try_join!(client, upstream) {
@@ -491,6 +491,7 @@ async fn tunnel(
             return;
         }
     };
+    guard.mark_upgraded();
     let mut c = TokioIo::new(c);
     let mut u = TokioIo::new(u);
     match tokio::io::copy_bidirectional(&mut c, &mut u).await {

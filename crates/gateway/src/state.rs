@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ferry_api::gateway::{Endpoint, RevisionRoute, RevisionStats};
+use ferry_api::gateway::{Endpoint, InstanceLoad, RevisionRoute, RevisionStats};
 use tokio::sync::Notify;
 
 use crate::routing;
@@ -69,6 +69,8 @@ pub struct RevState {
 
 struct Inner {
     in_flight: HashMap<String, u32>,
+    /// Of those, upgraded connections (WebSockets).
+    upgraded: HashMap<String, u32>,
     total: u32,
     /// Tickets of held requests, oldest first.
     queue: VecDeque<u64>,
@@ -93,6 +95,7 @@ impl RevState {
             notify: Notify::new(),
             inner: Mutex::new(Inner {
                 in_flight: HashMap::new(),
+                upgraded: HashMap::new(),
                 total: 0,
                 queue: VecDeque::new(),
                 next_ticket: 0,
@@ -160,6 +163,7 @@ impl RevState {
             InflightGuard {
                 rev: self.clone(),
                 instance_id: ep.instance_id.clone(),
+                upgraded: false,
             },
             ep,
         ))
@@ -244,6 +248,19 @@ impl RevState {
             p99_latency_ms: p99(&mut i.latencies_ms),
             egress_bytes: i.egress,
             window_ms,
+            instances: {
+                let mut v: Vec<InstanceLoad> = i
+                    .in_flight
+                    .iter()
+                    .map(|(id, n)| InstanceLoad {
+                        instance_id: id.clone(),
+                        in_flight: *n,
+                        upgraded: i.upgraded.get(id).copied().unwrap_or(0),
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+                v
+            },
         });
         i.window_start = now;
         i.area = 0.0;
@@ -279,11 +296,28 @@ fn p99(samples: &mut [f64]) -> f64 {
 pub struct InflightGuard {
     rev: Arc<RevState>,
     instance_id: String,
+    upgraded: bool,
 }
 
 impl InflightGuard {
     pub fn instance_id(&self) -> &str {
         &self.instance_id
+    }
+
+    /// The request became an upgraded connection (a WebSocket): counted apart, so a draining
+    /// instance keeps it up to the WebSocket bound rather than the request timeout.
+    pub fn mark_upgraded(&mut self) {
+        if !self.upgraded {
+            self.upgraded = true;
+            *self
+                .rev
+                .inner
+                .lock()
+                .unwrap()
+                .upgraded
+                .entry(self.instance_id.clone())
+                .or_insert(0) += 1;
+        }
     }
 }
 
@@ -291,6 +325,14 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         {
             let mut i = self.rev.inner.lock().unwrap();
+            if self.upgraded
+                && let Some(n) = i.upgraded.get_mut(&self.instance_id)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    i.upgraded.remove(&self.instance_id);
+                }
+            }
             if let Some(n) = i.in_flight.get_mut(&self.instance_id) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -377,6 +419,33 @@ mod tests {
         assert_eq!(e3.instance_id, e1.instance_id);
         drop(g2);
         assert_eq!(rev.in_flight_total(), 1);
+    }
+
+    #[test]
+    fn stats_list_in_flight_per_instance_with_upgrades_apart() {
+        let rev = Arc::new(RevState::new("s", "r1"));
+        let r = route(2, 0);
+        let (g1, e1) = rev.acquire(&r, Admission::Retry, None).unwrap();
+        let (mut g2, e2) = rev.acquire(&r, Admission::Retry, None).unwrap();
+        g2.mark_upgraded();
+        let s = rev.take_stats(Instant::now()).unwrap();
+        let mut want = vec![
+            InstanceLoad {
+                instance_id: e1.instance_id.clone(),
+                in_flight: 1,
+                upgraded: 0,
+            },
+            InstanceLoad {
+                instance_id: e2.instance_id.clone(),
+                in_flight: 1,
+                upgraded: 1,
+            },
+        ];
+        want.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        assert_eq!(s.instances, want);
+        drop((g1, g2));
+        let s = rev.take_stats(Instant::now()).unwrap();
+        assert!(s.instances.is_empty(), "{s:?}");
     }
 
     #[test]
