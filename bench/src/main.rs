@@ -1,10 +1,10 @@
 //! ferry-bench: every performance figure side by side with a peer, from the same run.
 //!
 //! `cargo run -p ferry-bench --release -- all` (or one suite: `registry`, `cold-start`,
-//! `scheduler`, `gateway`, `launch-rate`, `density`). Builds what it needs, starts Ferry and the peers on ephemeral loopback ports,
-//! prints a markdown table of medians, p99s and ratios, and writes it as JSON under
-//! bench/results/. Peers come from Debian packages (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed
-//! when missing.
+//! `scheduler`, `gateway`, `launch-rate`, `density`). Builds what it needs, starts Ferry and
+//! the peers on ephemeral loopback ports, prints a markdown table of medians, p99s and ratios,
+//! and writes it as JSON under bench/results/. Peers come from Debian packages
+//! (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed when missing.
 
 mod density;
 mod gateway;
