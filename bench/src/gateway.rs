@@ -123,6 +123,15 @@ pub(crate) fn start_server(
     })
 }
 
+/// Removes a bridge `ferry server` made for the suite, and its outbound NAT rule.
+fn remove_bridge(bridge: &str, cidr: &str) {
+    let _ = Command::new("ip").args(["link", "del", bridge]).output();
+    let _ = Command::new("iptables")
+        .args(["-w", "-t", "nat", "-D", "POSTROUTING", "-s", cidr, "!"])
+        .args(["-o", bridge, "-j", "MASQUERADE"])
+        .output();
+}
+
 /// The address of a ready instance of `service`.
 pub(crate) fn ready_instance(ferry: &Path, api: &str, service: &str) -> Result<SocketAddr> {
     let desc: serde_json::Value =
@@ -278,6 +287,8 @@ pub fn gateway(
     drop(nginx);
     drop(server);
     drop(before);
+    remove_bridge("fbgw0", "10.98.0.0/24");
+    remove_bridge("fbgw1", "10.98.1.0/24");
 
     let med = |t: usize, ci: usize, f: fn(&Wrk) -> f64| {
         percentile(&sorted(results[t][ci].iter().map(f).collect()), 0.5)

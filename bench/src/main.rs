@@ -2,10 +2,9 @@
 //!
 //! `cargo run -p ferry-bench --release -- all` (or one suite: `registry`, `cold-start`,
 //! `scheduler`, `gateway`, `launch-rate`, `density`, `agent-start`, `autoscale`). Builds what
-//! it needs, starts Ferry and the peers on ephemeral loopback ports,
-//! prints a markdown table of medians, p99s and ratios, and writes it as JSON under
-//! bench/results/. Peers come from Debian packages (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed
-//! when missing.
+//! it needs, starts Ferry and the peers on ephemeral loopback ports, prints a markdown table of
+//! medians, p99s and ratios, and writes it as JSON under bench/results/. Peers come from Debian
+//! packages (docker-registry, runc, podman, skopeo, wrk, nginx-light), installed when missing.
 
 mod agent_start;
 mod autoscale;
@@ -176,7 +175,21 @@ pub fn build() -> Result<(PathBuf, PathBuf)> {
             root.join("target-testapp-static/x86_64-unknown-linux-gnu/release/testapp")
         }
     };
-    Ok((target.join("release/ferry"), testapp))
+    // A target directory shared with other work trees gets its `release/ferry` replaced by
+    // their builds: run a private copy of the one just built.
+    let copy = std::env::temp_dir().join(format!("ferry-bench-{}-ferry", std::process::id()));
+    std::fs::copy(target.join("release/ferry"), &copy)
+        .with_context(|| format!("copying the ferry binary to {}", copy.display()))?;
+    Ok((copy, testapp))
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn print_and_save(suite: &str, how: &str, rows: Vec<Row>) -> Result<()> {
@@ -239,6 +252,7 @@ fn main() -> Result<()> {
     ];
     if needs_build.into_iter().any(want) {
         let (ferry, testapp) = build()?;
+        let _remove = RemoveOnDrop(ferry.clone());
         if want(Suite::Registry) {
             let (how, rows) = suites::registry(&ferry, cli.runs)?;
             print_and_save("registry", &how, rows)?;

@@ -325,23 +325,41 @@ async fn pump_log(
     log: Arc<Mutex<std::fs::File>>,
 ) {
     let mut r = tokio::io::BufReader::new(rx);
-    let mut buf = Vec::new();
+    let mut line = Vec::new();
+    let mut out = Vec::new();
     loop {
-        buf.clear();
-        match r.read_until(b'\n', &mut buf).await {
+        line.clear();
+        match r.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
-                }
-                let ts = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default();
-                let line = format!("{ts} {stream} {}\n", String::from_utf8_lossy(&buf));
-                let _ = log.lock().unwrap().write_all(line.as_bytes());
-            }
+            Ok(_) => {}
         }
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        out.clear();
+        push_log_line(&mut out, &ts, stream, &line);
+        // The other whole lines that came with the same pipe read go out in the same write:
+        // a chatty instance (a line per request) costs one write per read, not per line.
+        while r.buffer().contains(&b'\n') {
+            line.clear();
+            if !matches!(r.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+                break;
+            }
+            push_log_line(&mut out, &ts, stream, &line);
+        }
+        let _ = log.lock().unwrap().write_all(&out);
     }
+}
+
+/// Appends `<ts> <stream> <line>\n` (the line without its newline, invalid UTF-8 replaced).
+fn push_log_line(out: &mut Vec<u8>, ts: &str, stream: &str, line: &[u8]) {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(stream.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(String::from_utf8_lossy(line).as_bytes());
+    out.push(b'\n');
 }
 
 async fn probe_once(addr: SocketAddr, probe: &Probe, starting: bool) -> bool {
@@ -716,6 +734,36 @@ mod tests {
             termination_grace_ms: 1000,
             isolation: Default::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn log_lines_keep_one_line_each_when_batched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let log = Arc::new(Mutex::new(std::fs::File::create(&path).unwrap()));
+        let (mut tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let pump = tokio::spawn(pump_log(rx, "stdout", log));
+        tx.write_all(b"one\ntwo\nthree\n").await.unwrap();
+        tx.write_all(b"f\xffour\nlast without newline")
+            .await
+            .unwrap();
+        drop(tx);
+        pump.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let rest: Vec<&str> = lines.iter().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(
+            rest,
+            [
+                "stdout one",
+                "stdout two",
+                "stdout three",
+                "stdout f\u{fffd}our",
+                "stdout last without newline"
+            ]
+        );
+        assert!(text.ends_with('\n'));
     }
 
     #[test]
