@@ -279,7 +279,7 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
         stdin,
         stdout,
         stderr,
-        pty,
+        mut pty,
         ..
     } = child;
     // Until the wait below is running, a drop kills and reaps.
@@ -315,13 +315,30 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
     // Input runs on its own task: a command that does not read its stdin stalls only the
     // client's frames (TCP pushes back), never the output going the other way.
     let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    let exited = tokio_util::sync::CancellationToken::new();
+    let exited_in = exited.clone();
     let input = tokio::spawn(async move {
-        while let Some(Ok(msg)) = stream.next().await {
+        loop {
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                // The command is gone: its stdin and terminal go too. Frames are still read
+                // (and dropped) until the client's Close, so the socket never closes with
+                // unread data, which would reset the connection before the status arrives.
+                () = exited_in.cancelled(), if stdin.is_some() || pty.is_some() => {
+                    stdin = None;
+                    pty = None;
+                    continue;
+                }
+            };
+            let Some(Ok(msg)) = msg else { break };
             let b = match msg {
                 Message::Binary(b) => b,
                 Message::Close(_) => break,
                 _ => continue,
             };
+            if exited_in.is_cancelled() {
+                continue;
+            }
             match b.first().copied() {
                 Some(exec::STDIN) => {
                     if let Some(w) = &mut stdin
@@ -374,7 +391,7 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
     };
     // The command is gone: no more input (this drops our stdin and pty ends); send what it
     // wrote last, then how it ended.
-    input.abort();
+    exited.cancel();
     let _ = tokio::time::timeout(DRAIN, async {
         while let Some(m) = rx.recv().await {
             if sink.send(m).await.is_err() {
@@ -410,4 +427,11 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
         .send(Message::Binary(exec::frame(exec::STATUS, &body).into()))
         .await;
     let _ = sink.send(Message::Close(None)).await;
+    // The closing handshake: the input task ends at the client's Close.
+    if tokio::time::timeout(DRAIN, &mut Box::pin(input))
+        .await
+        .is_err()
+    {
+        tracing::debug!("exec client did not answer the close");
+    }
 }

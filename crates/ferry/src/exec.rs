@@ -185,6 +185,8 @@ pub async fn interactive(
             }
         }
     }
+    // Answer the server's Close so neither side closes with unread data.
+    let _ = tx.close().await;
     drop(_raw);
     match status {
         Some(ExecStatus { error: Some(e), .. }) => bail!("exec: {e}"),

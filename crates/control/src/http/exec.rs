@@ -80,6 +80,7 @@ async fn relay(
     let (mut c_tx, mut c_rx) = client.split();
     let (mut n_tx, mut n_rx) = node.split();
     let up = async {
+        let mut node_open = true;
         while let Some(Ok(m)) = c_rx.next().await {
             let m = match m {
                 Message::Binary(b) => NodeMessage::Binary(b),
@@ -87,8 +88,11 @@ async fn relay(
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            if n_tx.send(m).await.is_err() {
-                break;
+            // Once the node is gone the client's frames are still read (and dropped) until
+            // its Close, so this socket never closes with unread data (a reset would lose the
+            // status frame the client has not read yet).
+            if node_open && n_tx.send(m).await.is_err() {
+                node_open = false;
             }
         }
         let _ = n_tx.send(NodeMessage::Close(None)).await;
@@ -107,9 +111,13 @@ async fn relay(
         }
         let _ = c_tx.send(Message::Close(None)).await;
     };
-    // Whichever direction ends first ends the session.
+    // The client ending ends the session. The node ending (after its status frame) closes
+    // the client's side, whose Close answer then ends `up`, within a bound.
+    tokio::pin!(up);
     tokio::select! {
-        () = up => {}
-        () = down => {}
+        () = &mut up => {}
+        () = down => {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut up).await;
+        }
     }
 }
