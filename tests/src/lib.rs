@@ -218,9 +218,20 @@ impl TestCluster {
         }
     }
 
+    /// Stops the server, then removes the cluster's bridge and NAT rule (a `ferry server`
+    /// keeps them across restarts; a test cluster goes for good).
     pub async fn stop(mut self) -> Result<()> {
         if let Some(p) = self.platform.take() {
             p.stop().await?;
+        }
+        if let (Some(bridge), Some(subnet)) = (&self.args.bridge, &self.args.subnet) {
+            let (gw, prefix) = subnet.split_once('/').context("subnet")?;
+            let cfg = ferry_agent::net::NetConfig {
+                bridge: bridge.clone(),
+                gateway: gw.parse()?,
+                prefix: prefix.parse()?,
+            };
+            ferry_agent::net::teardown_host(&cfg)?;
         }
         Ok(())
     }

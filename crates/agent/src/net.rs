@@ -291,24 +291,50 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
     link_up(&nl, idx, &cfg.bridge)?;
     let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
     if let Some(ipt) = iptables() {
-        let cidr = cfg.cidr();
-        let rule = [
-            "-t",
-            "nat",
-            "POSTROUTING",
-            "-s",
-            &cidr,
-            "!",
-            "-o",
-            &cfg.bridge,
-            "-j",
-            "MASQUERADE",
-        ];
+        let rule = nat_rule(cfg);
+        let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
         ensure_rule(&ipt, &rule);
     } else {
         tracing::warn!("iptables not found: instances get no outbound NAT");
     }
     Ok(())
+}
+
+/// The outbound NAT rule of the bridge's subnet (iptables arguments without the action).
+fn nat_rule(cfg: &NetConfig) -> Vec<String> {
+    let cidr = cfg.cidr();
+    [
+        "-t",
+        "nat",
+        "POSTROUTING",
+        "-s",
+        &cidr,
+        "!",
+        "-o",
+        &cfg.bridge,
+        "-j",
+        "MASQUERADE",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Undoes [`setup_host`]: deletes the bridge and its NAT rule (`ip_forward` stays on). For
+/// agents that go for good, such as the test clusters; a node's agent keeps its bridge across
+/// restarts.
+pub fn teardown_host(cfg: &NetConfig) -> Result<(), NetError> {
+    if let Some(ipt) = iptables() {
+        let rule = nat_rule(cfg);
+        let (table, rest) = rule.split_at(2);
+        let _ = std::process::Command::new(ipt)
+            .args(table)
+            .args(["-w", "-D"])
+            .args(rest)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    delete_link(&cfg.bridge)
 }
 
 /// A stable, locally administered unicast MAC for the bridge, from its name.
