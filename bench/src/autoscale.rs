@@ -8,28 +8,10 @@ use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// `ferry server`, stopped with SIGTERM (then SIGKILL) on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The `ferry` binary of this build profile (built now), and the static testapp.
 fn binaries() -> Result<(PathBuf, PathBuf)> {
@@ -284,7 +266,7 @@ pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
     let log_path = std::env::temp_dir().join("ferry-bench-autoscale-server.log");
     let log = std::fs::File::create(&log_path)?;
     eprintln!("ferry server log: {}", log_path.display());
-    let _server = Server(
+    let _server = crate::suites::Proc(
         Command::new(&bin)
             .args([
                 "server",
@@ -309,16 +291,7 @@ pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
             .stderr(log)
             .spawn()?,
     );
-    let addrs = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(b) = std::fs::read(data.join("addresses.json")) {
-                break serde_json::from_slice::<serde_json::Value>(&b)?;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "ferry server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let addrs = crate::suites::addresses(&data, Duration::from_secs(30))?;
     let api: SocketAddr = addrs["api"].as_str().context("api")?.parse()?;
     let gateway: SocketAddr = addrs["gateway"].as_str().context("gateway")?.parse()?;
     let registry = addrs["registry"].as_str().context("registry")?.to_string();

@@ -321,53 +321,9 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
     ensure_packages(&["runc"])?;
     let work = tempfile::tempdir()?;
     let w = work.path();
-    let data = w.join("data");
-    let server = Proc(
-        Command::new(ferry)
-            .args([
-                "server",
-                "--api-addr",
-                "127.0.0.1:0",
-                "--gateway-addr",
-                "127.0.0.1:0",
-                "--registry-addr",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--bridge",
-                "fbench0",
-                "--subnet",
-                "10.93.0.1/24",
-                "--data-dir",
-            ])
-            .arg(&data)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let a = addresses(&data, Duration::from_secs(20))?;
-    let api = a["api"].as_str().context("api")?.to_string();
-    let gateway: SocketAddr = a["gateway"].as_str().context("gateway")?.parse()?;
-    let registry = a["registry"].as_str().context("registry")?.to_string();
+    let server = crate::gateway::start_server(ferry, testapp, w, "fbench0", "10.93.0.1/24")?;
+    let (api, gateway, image) = (server.api.clone(), server.gateway, server.image.clone());
     let archive = w.join("app.tar");
-    run(Command::new(ferry)
-        .args(["image", "build", "--binary"])
-        .arg(testapp)
-        .args([
-            "--binary-path",
-            "/testapp",
-            "--port",
-            "8080",
-            "--tag",
-            "v1",
-            "-o",
-        ])
-        .arg(&archive))?;
-    run(Command::new(ferry)
-        .args(["image", "push"])
-        .arg(format!("{}:v1", archive.display()))
-        .arg(format!("{registry}/testapp:v1")))?;
-    let image = format!("{registry}/testapp:v1");
     // Warm-up: the first start pulls and unpacks the image; every measured start finds it cached.
     ferry_cli(
         ferry,

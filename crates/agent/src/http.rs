@@ -306,9 +306,8 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
         }
         None => None,
     };
-    let kill = sandbox::kill_exec;
     if setup_error.is_some() {
-        kill(pid);
+        sandbox::kill_exec(pid);
     }
     let wait = tokio::task::spawn_blocking(move || sandbox::wait_exec(pid));
     tokio::pin!(wait);
@@ -374,13 +373,13 @@ async fn pump(socket: WebSocket, mut running: Running, tty: bool) {
         tokio::select! {
             _ = &mut gone => {
                 // The client went away: so does the command.
-                kill(pid);
+                sandbox::kill_exec(pid);
                 let _ = (&mut wait).await;
                 return;
             }
             Some(m) = rx.recv() => {
                 if sink.send(m).await.is_err() {
-                    kill(pid);
+                    sandbox::kill_exec(pid);
                     input.abort();
                     let _ = (&mut wait).await;
                     return;

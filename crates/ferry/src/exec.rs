@@ -88,14 +88,9 @@ pub async fn interactive(
         Ok(ok) => ok,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp.body().clone().unwrap_or_default();
-            if let Ok(e) = serde_json::from_slice::<serde_json::Value>(&body)
-                && let Some(m) = e["message"].as_str()
-            {
-                bail!(
-                    "{m} ({}, request {})",
-                    e["code"].as_str().unwrap_or(""),
-                    e["request_id"].as_str().unwrap_or("")
-                );
+            // The API's error body, printed as the other verbs print it.
+            if let Ok(e) = serde_json::from_slice::<ferry_api::service::ApiError>(&body) {
+                bail!("{} ({}, request {})", e.message, e.code, e.request_id);
             }
             bail!(
                 "{url}: {}: {}",
