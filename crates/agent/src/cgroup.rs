@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -358,9 +359,155 @@ impl Cgroup {
     }
 }
 
+/// The cgroup2 mount in `/proc/self/mountinfo` text: its mount point and its super options
+/// (`rw,nsdelegate,...`). On a v1 host this is the hybrid `unified` mount, if any.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, Vec<String>)> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split(' ');
+        if r.next()? != "cgroup2" {
+            return None;
+        }
+        let _source = r.next()?;
+        let opts = r.next()?.split(',').map(str::to_string).collect();
+        let point = left.split(' ').nth(4)?;
+        Some((PathBuf::from(unescape_mountinfo(point)), opts))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What [`favor_dynmods`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DynMods {
+    /// The cgroup2 mount at this path was reconfigured.
+    Changed(PathBuf),
+    /// Already as asked.
+    Unchanged(PathBuf),
+    /// No cgroup2 mount on this host: nothing to reconfigure.
+    NoCgroup2,
+}
+
+/// Turns the kernel's `favordynmods` cgroup option on (or off), by reconfiguring the host's
+/// cgroup2 mount with its other options kept.
+///
+/// Every task migration into a cgroup (v1 or v2) takes the global threadgroup rwsem for
+/// writing; without this option that waits for an RCU grace period whenever no migration
+/// happened in the last grace period: 5–24 ms here, the largest part of an isolated cold
+/// start (docs/agent.md). With it, a migration takes ~0.4 ms and forks and exits on the host
+/// become a little dearer (the read side is no longer per-CPU). The flag is global to the
+/// kernel, whichever hierarchy carries it. Kernels before 6.0 do not know it (an error).
+pub fn favor_dynmods(on: bool) -> io::Result<DynMods> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let Some((point, opts)) = cgroup2_mount(&info) else {
+        return Ok(DynMods::NoCgroup2);
+    };
+    if opts.iter().any(|o| o == "favordynmods") == on {
+        return Ok(DynMods::Unchanged(point));
+    }
+    let c = |s: &str| {
+        std::ffi::CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let path = std::ffi::CString::new(point.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // fspick + fsconfig reconfigure the superblock only: the mount's own flags (nosuid, …)
+    // stay, which a mount(2) remount would reset. cgroup2 resets every option not given, so
+    // the current ones are given again.
+    // SAFETY: fspick takes a NUL-terminated path; the returned fd is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_fspick,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            FSPICK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us and is not owned elsewhere.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let config = |cmd: u32, key: Option<&std::ffi::CStr>, value: Option<&std::ffi::CStr>| {
+        // SAFETY: NUL-terminated key/value or null, as fsconfig documents for each command.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fd.as_raw_fd(),
+                cmd,
+                key.map_or(std::ptr::null(), |k| k.as_ptr()),
+                value.map_or(std::ptr::null(), |v| v.as_ptr()),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            let what = key.map_or("reconfigure".into(), |k| k.to_string_lossy().into_owned());
+            return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+        }
+        Ok(())
+    };
+    for o in &opts {
+        if o == "rw" || o == "ro" || o == "favordynmods" {
+            continue;
+        }
+        match o.split_once('=') {
+            Some((k, v)) => config(FSCONFIG_SET_STRING, Some(&c(k)?), Some(&c(v)?))?,
+            None => config(FSCONFIG_SET_FLAG, Some(&c(o)?), None)?,
+        }
+    }
+    if on {
+        config(FSCONFIG_SET_FLAG, Some(c"favordynmods"), None)?;
+    }
+    config(FSCONFIG_CMD_RECONFIGURE, None, None)?;
+    Ok(DynMods::Changed(point))
+}
+
+const FSPICK_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: u32 = 0;
+const FSCONFIG_SET_STRING: u32 = 1;
+const FSCONFIG_CMD_RECONFIGURE: u32 = 7;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_and_its_super_options() {
+        let info = "\
+25 30 0:22 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+        let (p, o) = cgroup2_mount(info).expect("found");
+        assert_eq!(p, Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(o, ["rw", "nsdelegate", "memory_recursiveprot"]);
+        // Optional fields (none, or several) before the separator; an escaped space.
+        let info = "7 1 0:5 / /mnt/cg\\040two rw - cgroup2 none rw,favordynmods\n";
+        let (p, o) = cgroup2_mount(info).expect("found");
+        assert_eq!(p, Path::new("/mnt/cg two"));
+        assert_eq!(o, ["rw", "favordynmods"]);
+        assert_eq!(
+            cgroup2_mount("25 30 0:22 / /sys/fs/cgroup/cpu rw shared:9 - cgroup cgroup rw,cpu\n"),
+            None
+        );
+    }
 
     #[test]
     fn v1_writes() {

@@ -78,6 +78,10 @@ pub struct Config {
     pub start_timeout: Duration,
     /// Default pids limit when the spec sets none.
     pub default_pids_limit: u32,
+    /// Turn the kernel's `favordynmods` cgroup option on at start ([`cgroup::favor_dynmods`]):
+    /// task migrations then skip an RCU grace period of 5–24 ms, most of an isolated cold
+    /// start on this kind of host, for slightly dearer forks and exits host-wide.
+    pub cgroup_favor_dynmods: bool,
 }
 
 impl Config {
@@ -93,6 +97,7 @@ impl Config {
             sample_interval: Duration::from_secs(1),
             start_timeout: Duration::from_secs(60),
             default_pids_limit: 1024,
+            cgroup_favor_dynmods: true,
         }
     }
 
@@ -264,6 +269,25 @@ impl Agent {
             Arc::new(unpack::LayerCache::new(cfg.data_dir.join("cache"))),
         );
         store.init()?;
+        if cfg.cgroup_favor_dynmods {
+            match cgroup::favor_dynmods(true) {
+                Ok(cgroup::DynMods::Changed(p)) => tracing::info!(
+                    mount = %p.display(),
+                    "cgroup favordynmods turned on: task migrations no longer wait for an RCU \
+                     grace period"
+                ),
+                Ok(cgroup::DynMods::Unchanged(_)) => {}
+                Ok(cgroup::DynMods::NoCgroup2) => tracing::info!(
+                    "no cgroup2 mount: favordynmods not set (each start waits for an RCU grace \
+                     period when it joins its cgroup)"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cgroup favordynmods could not be turned on (kernel before 6.0?); starts \
+                     wait for an RCU grace period when they join their cgroup"
+                ),
+            }
+        }
         // Before taking commands: remove whatever an earlier run on this data dir left.
         let hierarchy = cgroup::Hierarchy::detect(&cfg.cgroup_root);
         {

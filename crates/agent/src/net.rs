@@ -561,11 +561,17 @@ pub fn counters(host_veth: &str) -> (u64, u64) {
     (read("tx_bytes"), read("rx_bytes"))
 }
 
-/// File-backed address allocation: one file per leased address under `dir`.
+/// File-backed address allocation: one file per leased address under `dir`, and `last`, the
+/// address leased last (read once, then kept in memory and rewritten by rename).
 #[derive(Debug, Clone)]
 pub struct Ipam {
     dir: PathBuf,
     cfg: NetConfig,
+    /// Offset of the address leased last; `None` until read from `last`. Allocations hold it,
+    /// so concurrent starts go round-robin: before, one could read `last` while another
+    /// rewrote it (empty between truncate and write), start over at the bottom and re-lease an
+    /// address freed a moment ago.
+    cursor: std::sync::Arc<std::sync::Mutex<Option<u32>>>,
 }
 
 impl Ipam {
@@ -573,6 +579,7 @@ impl Ipam {
         Ipam {
             dir: dir.into(),
             cfg,
+            cursor: Default::default(),
         }
     }
 
@@ -588,10 +595,13 @@ impl Ipam {
         let size = 1u32 << (32 - u32::from(self.cfg.prefix));
         let gw = u32::from(self.cfg.gateway);
         let last_file = self.dir.join("last");
-        let last = fs::read_to_string(&last_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
-            .map_or(0, |ip| u32::from(ip).wrapping_sub(net));
+        let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let last = *cursor.get_or_insert_with(|| {
+            fs::read_to_string(&last_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+                .map_or(0, |ip| u32::from(ip).wrapping_sub(net))
+        });
         for step in 1..size {
             let off = (last + step) % size;
             if off == 0 || off == size - 1 || net + off == gw {
@@ -603,7 +613,12 @@ impl Ipam {
                 Ok(mut file) => {
                     use io::Write;
                     file.write_all(owner.as_bytes()).map_err(io("ipam lease"))?;
-                    let _ = fs::write(&last_file, ip.to_string());
+                    *cursor = Some(off);
+                    // A hint for the next run of the agent: no fsync, but never seen half-written.
+                    let tmp = self.dir.join(".last.tmp");
+                    if fs::write(&tmp, ip.to_string()).is_ok() {
+                        let _ = fs::rename(&tmp, &last_file);
+                    }
                     return Ok(ip);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -651,6 +666,47 @@ mod tests {
         assert!(ipam.allocate("full").is_err());
         ipam.release(got[2]);
         assert_eq!(ipam.allocate("again").unwrap(), got[2]);
+    }
+
+    #[test]
+    fn concurrent_leases_go_round_robin_and_survive_a_restart() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = NetConfig {
+            bridge: "x".into(),
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            prefix: 24,
+        };
+        let ipam = Ipam::new(t.path(), cfg.clone());
+        let first: Vec<_> = (0..4)
+            .map(|i| ipam.allocate(&format!("a{i}")).unwrap())
+            .collect();
+        for ip in &first {
+            ipam.release(*ip);
+        }
+        // 16 threads at once: none may start over at the bottom and take a freed address.
+        let got: Vec<Ipv4Addr> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16)
+                .map(|i| {
+                    let ipam = ipam.clone();
+                    s.spawn(move || ipam.allocate(&format!("b{i}")).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = got.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 16, "distinct: {got:?}");
+        assert!(
+            got.iter().all(|ip| !first.contains(ip)),
+            "{first:?} re-leased: {got:?}"
+        );
+        // A new agent on the same dir continues after the last lease.
+        let again = Ipam::new(t.path(), cfg).allocate("c").unwrap();
+        assert_eq!(
+            again,
+            Ipv4Addr::from(u32::from(*sorted.last().unwrap()) + 1)
+        );
     }
 
     #[test]

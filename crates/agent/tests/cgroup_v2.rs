@@ -4,18 +4,63 @@
 //! with `cgroup.kill` and removing the group all work there, and applying limits fails naming
 //! the missing controller. On a pure v2 host the limits land too.
 
-use ferry_agent::cgroup::{Cgroup, Hierarchy, Limits};
+use ferry_agent::cgroup::{Cgroup, DynMods, Hierarchy, Limits, favor_dynmods};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// The first cgroup2 mount of this process's mount namespace.
 fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mount_point = pre.split_whitespace().nth(4)?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
+    ferry_agent::cgroup::cgroup2_mount(&info).map(|(p, _)| p)
+}
+
+/// The cgroup2 line of mountinfo: (per-mount options, super options).
+fn cgroup2_options() -> (String, Vec<String>) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| {
+            l.split_once(" - ")
+                .is_some_and(|(_, r)| r.starts_with("cgroup2 "))
+        })
+        .expect("a cgroup2 mount");
+    let per_mount = line.split(' ').nth(5).unwrap().to_string();
+    let (_, sup) = ferry_agent::cgroup::cgroup2_mount(line).unwrap();
+    (per_mount, sup)
+}
+
+/// What the agent does at start (Config::cgroup_favor_dynmods): the option goes on and off
+/// through fspick/fsconfig, and the mount's own flags and its other options stay as they were.
+/// It is left on, as the agent leaves it.
+#[test]
+fn favordynmods_toggles_and_keeps_the_other_options() {
+    let mount = cgroup2_mount().expect("a cgroup2 mount on this host");
+    let without = |v: &[String]| -> Vec<String> {
+        v.iter().filter(|o| *o != "favordynmods").cloned().collect()
+    };
+    let (flags0, opts0) = cgroup2_options();
+    let r = favor_dynmods(false).expect("turning favordynmods off");
+    assert!(matches!(r, DynMods::Changed(ref p) | DynMods::Unchanged(ref p) if *p == mount));
+    let (flags1, opts1) = cgroup2_options();
+    assert!(!opts1.iter().any(|o| o == "favordynmods"), "{opts1:?}");
+    assert_eq!(
+        favor_dynmods(false).unwrap(),
+        DynMods::Unchanged(mount.clone())
+    );
+    assert_eq!(
+        favor_dynmods(true).unwrap(),
+        DynMods::Changed(mount.clone())
+    );
+    let (flags2, opts2) = cgroup2_options();
+    assert!(opts2.iter().any(|o| o == "favordynmods"), "{opts2:?}");
+    assert_eq!(favor_dynmods(true).unwrap(), DynMods::Unchanged(mount));
+    assert_eq!(
+        (&flags1, &flags2),
+        (&flags0, &flags0),
+        "per-mount flags changed"
+    );
+    assert_eq!(without(&opts1), without(&opts0));
+    assert_eq!(without(&opts2), without(&opts0));
 }
 
 #[test]

@@ -45,6 +45,10 @@ pub struct DaemonArgs {
     /// Price plan TOML for usage and invoices [default: the built-in plan, docs/billing.md]
     #[arg(long, env = "FERRY_PRICE_PLAN")]
     pub price_plan: Option<PathBuf>,
+    /// Turn the kernel's cgroup `favordynmods` option on at start, so that an instance joining
+    /// its cgroup does not wait for an RCU grace period (docs/agent.md) [default: true]
+    #[arg(long, env = "FERRY_CGROUP_FAVORDYNMODS", value_name = "BOOL")]
+    pub cgroup_favordynmods: Option<bool>,
     /// Registry basic-auth user as `name:password` (repeatable); turns registry auth on
     #[arg(
         long = "registry-user",
@@ -75,6 +79,7 @@ struct FileConfig {
     bridge: Option<String>,
     subnet: Option<String>,
     price_plan: Option<PathBuf>,
+    cgroup_favordynmods: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +108,7 @@ pub struct Settings {
     pub bridge_address: std::net::Ipv4Addr,
     pub subnet_prefix: u8,
     pub price_plan: Option<PathBuf>,
+    pub cgroup_favordynmods: bool,
 }
 
 impl DaemonArgs {
@@ -172,6 +178,10 @@ impl DaemonArgs {
             bridge_address: ip,
             subnet_prefix: prefix,
             price_plan: self.price_plan.clone().or(file.price_plan),
+            cgroup_favordynmods: self
+                .cgroup_favordynmods
+                .or(file.cgroup_favordynmods)
+                .unwrap_or(true),
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
             registry_addr: addr(

@@ -101,6 +101,7 @@ impl Platform {
             ferry_agent::Config::new(data_dir.join("agent"), settings.node_name.clone());
         let (cpu, memory) = host_allocatable();
         agent.cpu_allocatable = cpu;
+        agent.cgroup_favor_dynmods = settings.cgroup_favordynmods;
         agent.memory_allocatable = memory;
         agent.net = ferry_agent::net::NetConfig {
             bridge: settings.bridge.clone(),
