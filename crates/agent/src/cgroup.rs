@@ -371,28 +371,8 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, Vec<String>)> {
         let _source = r.next()?;
         let opts = r.next()?.split(',').map(str::to_string).collect();
         let point = left.split(' ').nth(4)?;
-        Some((PathBuf::from(unescape_mountinfo(point)), opts))
+        Some((PathBuf::from(crate::rootfs::unescape(point)), opts))
     })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What [`favor_dynmods`] found or did.

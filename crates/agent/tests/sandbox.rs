@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::{Context, Result, bail};
-use common::{Node, get, get_json, gz_tar, is_root, leftovers, testapp};
+use common::{Node, get, get_json, gz_tar, is_root, leftovers, mounts_under, testapp};
 use ferry_api::agent::{AgentCommand, ExitReason, InstanceState};
 use ferry_api::{Cpu, Memory};
 use std::net::Ipv4Addr;
@@ -20,6 +20,11 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     let id = "svc-00001-basic";
     let addr = node.start_ready(node.spec(id)).await?;
     assert_eq!(addr.ip(), std::net::IpAddr::V4(Ipv4Addr::new(10, 89, 1, 2)));
+    // The host keeps no mount of a started instance's rootfs: the instance's own mount
+    // namespace holds it (so each clone copies a host mount table that does not grow with the
+    // instances), and it still serves its files below.
+    let host_mounts = mounts_under(&node.data);
+    assert!(host_mounts.is_empty(), "{host_mounts:?}");
     let env = get_json(addr, "/env").await?;
     assert_eq!(env["PORT"], "8080");
     assert_eq!(env["K_SERVICE"], "svc");
