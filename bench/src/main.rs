@@ -229,7 +229,13 @@ fn print_and_save(suite: &str, how: &str, rows: Vec<Row>) -> Result<()> {
     };
     let dir = root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
-    let file = dir.join(format!("{suite}-{}.json", &date[..10]));
+    // Date and minute (UTC): a later run the same day no longer overwrites an earlier one.
+    let file = dir.join(format!(
+        "{suite}-{}T{}{}Z.json",
+        &date[..10],
+        &date[11..13],
+        &date[14..16]
+    ));
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
     eprintln!("wrote {}", file.display());
     Ok(())

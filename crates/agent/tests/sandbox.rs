@@ -25,6 +25,12 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     // instances), and it still serves its files below.
     let host_mounts = mounts_under(&node.data);
     assert!(host_mounts.is_empty(), "{host_mounts:?}");
+    // IPv4 only: no IPv6 address generation (no link-local address, DAD or MLD) on the veth.
+    let veth = ferry_agent::net::host_veth_name(id);
+    let mode = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{veth}/addr_gen_mode"));
+    if let Ok(mode) = mode {
+        assert_eq!(mode.trim(), "1", "addr_gen_mode of {veth}");
+    }
     let env = get_json(addr, "/env").await?;
     assert_eq!(env["PORT"], "8080");
     assert_eq!(env["K_SERVICE"], "svc");
