@@ -127,6 +127,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // The pooled connection's I/O runs here, in the client connection's task.
+        if let Some(l) = this.lease.as_mut() {
+            l.poll_conn(cx);
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

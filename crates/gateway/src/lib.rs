@@ -220,6 +220,7 @@ async fn send_stats(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        shared.pool.sweep();
         let now = Instant::now();
         let revisions: Vec<_> = shared
             .revs

@@ -1,14 +1,22 @@
 //! Keep-alive HTTP/1.1 connections to instances, reused across requests.
 //!
 //! A connection is leased for one request and comes back when its response body has been
-//! read to the end (or dropped), with no task spawned per request; the next lease waits until
-//! hyper says it is idle. Connections the instance closed, and connections idle longer than
-//! [`IDLE_TIMEOUT`], are dropped when met. A request that never left on a reused connection
-//! (the instance closed it meanwhile) is sent again on a fresh one.
+//! read to the end (or dropped). No task runs per connection: the connection (hyper's
+//! `Connection` future, which reads and writes the socket) is polled by whoever waits on it —
+//! [`Pool::send`] until the response head, then the response body ([`Lease::poll_conn`]),
+//! both in the task of the client's connection. So a proxied request wakes one task, as in an
+//! event-loop proxy, instead of handing each request and response across tasks (and, on a
+//! multi-threaded runtime, threads). Connections the instance closed are dropped when met,
+//! idle ones older than [`IDLE_TIMEOUT`] by [`Pool::sweep`]. A request that never left on a
+//! reused connection (the instance closed it meanwhile) is sent again on a fresh one. An
+//! upgraded connection (101) gets a task of its own to hand its socket to the tunnel.
 
 use std::collections::HashMap;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -24,8 +32,41 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_IDLE_PER_ADDR: usize = 256;
 
 type Sender = SendRequest<GatewayBody>;
+/// hyper's connection future (with upgrades), whose type hyper does not name.
+type Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// One connection: the handle requests are sent on, and the future that does its I/O
+/// (`None` once it ended: the connection is closed).
+struct Pooled {
+    sender: Sender,
+    conn: Option<Conn>,
+}
+
+impl Pooled {
+    /// Polls the connection's I/O; false once the connection has ended.
+    fn drive(&mut self, addr: SocketAddr, cx: &mut Context<'_>) -> bool {
+        let Some(c) = self.conn.as_mut() else {
+            return false;
+        };
+        match c.as_mut().poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "instance connection ended with error");
+                }
+                self.conn = None;
+                false
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.is_none() || self.sender.is_closed()
+    }
+}
+
 /// Idle connections per instance address, each with the time it became idle.
-type Idle = HashMap<SocketAddr, Vec<(Instant, Sender)>>;
+type Idle = HashMap<SocketAddr, Vec<(Instant, Pooled)>>;
 
 #[derive(Clone)]
 pub struct Pool {
@@ -42,6 +83,9 @@ pub enum SendError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A new connection ended before it could take the request.
+    #[error("HTTP/1.1 to {addr}: the connection closed before the request was sent")]
+    Closed { addr: SocketAddr },
     #[error("HTTP/1.1 to {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -55,24 +99,46 @@ impl SendError {
     }
 }
 
-/// A connection taken for one request; returns to the pool when dropped.
+/// A connection taken for one request; returns to the pool when dropped. Its I/O makes
+/// progress only while [`Lease::poll_conn`] is called (by the response body).
 pub struct Lease {
     pool: Pool,
     addr: SocketAddr,
-    sender: Option<Sender>,
+    conn: Option<Pooled>,
 }
 
 impl Lease {
-    /// The connection will not serve another request (it was upgraded).
+    /// Drives the connection: reads the rest of the response (and writes the rest of the
+    /// request body) off the socket, waking `cx` when there is more.
+    pub fn poll_conn(&mut self, cx: &mut Context<'_>) {
+        if let Some(p) = self.conn.as_mut()
+            && !p.drive(self.addr, cx)
+        {
+            self.conn = None;
+        }
+    }
+
+    /// The connection will not serve another request (it was upgraded): its future runs on
+    /// a task of its own, which hands the socket to the upgrade.
     pub fn discard(mut self) {
-        self.sender = None;
+        if let Some(Pooled {
+            conn: Some(conn), ..
+        }) = self.conn.take()
+        {
+            let addr = self.addr;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%addr, error = %e, "upgraded instance connection ended with error");
+                }
+            });
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(s) = self.sender.take() {
-            self.pool.put(self.addr, s);
+        if let Some(p) = self.conn.take() {
+            self.pool.put(self.addr, p);
         }
     }
 }
@@ -92,22 +158,50 @@ impl Pool {
         mut req: Request<GatewayBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         loop {
-            let (mut sender, reused) = match self.take(addr) {
-                Some(s) => (s, true),
+            let (mut p, reused) = match self.take(addr) {
+                Some(p) => (p, true),
                 None => (self.connect(addr).await?, false),
             };
-            if let Err(source) = sender.ready().await {
-                if reused {
-                    continue;
+            // Ready for a request (the previous response fully read), driving the I/O.
+            let ready = poll_fn(|cx| {
+                if !p.drive(addr, cx) {
+                    return Poll::Ready(None);
                 }
-                return Err(SendError::Http { addr, source });
+                p.sender.poll_ready(cx).map(Some)
+            })
+            .await;
+            match ready {
+                Some(Ok(())) => {}
+                // Closed while idle: a reused connection is replaced.
+                None | Some(Err(_)) if reused => continue,
+                None => return Err(SendError::Closed { addr }),
+                Some(Err(source)) => return Err(SendError::Http { addr, source }),
             }
-            match sender.try_send_request(req).await {
+            let Pooled { sender, conn } = &mut p;
+            let mut response = std::pin::pin!(sender.try_send_request(req));
+            let sent = poll_fn(|cx| {
+                if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                // The connection's end fails the response future, polled again next time.
+                if let Some(c) = conn.as_mut()
+                    && let Poll::Ready(r) = c.as_mut().poll(cx)
+                {
+                    if let Err(e) = r {
+                        tracing::debug!(%addr, error = %e, "instance connection ended with error");
+                    }
+                    *conn = None;
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            })
+            .await;
+            match sent {
                 Ok(resp) => {
                     let lease = Lease {
                         pool: self.clone(),
                         addr,
-                        sender: Some(sender),
+                        conn: Some(p),
                     };
                     return Ok((resp, lease));
                 }
@@ -125,14 +219,14 @@ impl Pool {
         }
     }
 
-    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+    fn take(&self, addr: SocketAddr) -> Option<Pooled> {
         let mut idle = self.idle.lock().unwrap();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
         let mut found = None;
-        while let Some((since, s)) = list.pop() {
-            if !s.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
-                found = Some(s);
+        while let Some((since, p)) = list.pop() {
+            if !p.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
+                found = Some(p);
                 break;
             }
         }
@@ -142,19 +236,31 @@ impl Pool {
         found
     }
 
-    fn put(&self, addr: SocketAddr, s: Sender) {
-        if s.is_closed() {
+    fn put(&self, addr: SocketAddr, p: Pooled) {
+        if p.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap();
         let list = idle.entry(addr).or_default();
-        list.retain(|(_, s)| !s.is_closed());
+        list.retain(|(_, p)| !p.is_closed());
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push((Instant::now(), s));
+            list.push((Instant::now(), p));
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Sender, SendError> {
+    /// Closes idle connections older than [`IDLE_TIMEOUT`]. Nothing polls an idle
+    /// connection, so one the instance closed (or whose instance is gone) stays open on our
+    /// side until this or its next lease; the gateway calls it every stats interval.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap();
+        idle.retain(|_, list| {
+            list.retain(|(since, _)| now.duration_since(*since) < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Pooled, SendError> {
         let connect = tokio::net::TcpStream::connect(addr);
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
@@ -173,12 +279,10 @@ impl Pool {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| SendError::Http { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%addr, error = %e, "instance connection ended with error");
-            }
-        });
-        Ok(sender)
+        Ok(Pooled {
+            sender,
+            conn: Some(Box::pin(conn.with_upgrades())),
+        })
     }
 }
 
@@ -186,7 +290,6 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::body::empty;
-    use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// An HTTP/1.1 server counting its connections; `/close` answers with `Connection: close`.
@@ -200,7 +303,13 @@ mod tests {
                 let (s, _) = l.accept().await.unwrap();
                 c.fetch_add(1, Ordering::SeqCst);
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let mut r = Response::new(crate::body::full("ok".into()));
+                    let body = if req.uri().path() == "/big" {
+                        // Far more than one socket read: only a driven connection delivers it.
+                        bytes::Bytes::from(vec![b'x'; 4 << 20])
+                    } else {
+                        "ok".into()
+                    };
+                    let mut r = Response::new(crate::body::full(body));
                     if req.uri().path() == "/close" {
                         r.headers_mut()
                             .insert("connection", http::HeaderValue::from_static("close"));
@@ -216,12 +325,35 @@ mod tests {
         (addr, conns)
     }
 
+    /// Reads a body as the gateway's ResponseBody does: the lease's connection is driven
+    /// from the same task (nothing else polls it).
+    async fn read_body(mut body: Incoming, mut lease: Lease) -> Vec<u8> {
+        use http_body::Body;
+        let mut out = Vec::new();
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                lease.poll_conn(cx);
+                Pin::new(&mut body).poll_frame(cx)
+            })
+            .await;
+            match frame {
+                Some(f) => {
+                    if let Ok(d) = f.unwrap().into_data() {
+                        out.extend_from_slice(&d);
+                    }
+                }
+                None => break,
+            }
+        }
+        drop(lease);
+        out
+    }
+
     async fn get(pool: &Pool, addr: SocketAddr, path: &str) -> String {
         let req = Request::get(path).body(empty()).unwrap();
         let (resp, lease) = pool.send(addr, req).await.unwrap();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        drop(lease);
-        String::from_utf8(body.to_vec()).unwrap()
+        let body = read_body(resp.into_body(), lease).await;
+        String::from_utf8(body).unwrap()
     }
 
     #[tokio::test]
@@ -236,6 +368,22 @@ mod tests {
         // The instance closed it: the next request goes out on a new connection.
         assert_eq!(get(&pool, addr, "/").await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    /// Big bodies, one after another on one connection, on a single-threaded runtime: each is
+    /// read by the task that reads the body, with no connection task.
+    #[tokio::test(flavor = "current_thread")]
+    async fn big_bodies_stream_through_the_lease_and_reuse_the_connection() {
+        let (addr, conns) = server().await;
+        let pool = Pool::new(Duration::from_secs(1));
+        for _ in 0..3 {
+            let req = Request::get("/big").body(empty()).unwrap();
+            let (resp, lease) = pool.send(addr, req).await.unwrap();
+            let body = read_body(resp.into_body(), lease).await;
+            assert_eq!(body.len(), 4 << 20);
+        }
+        assert_eq!(get(&pool, addr, "/").await, "ok");
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

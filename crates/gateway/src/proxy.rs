@@ -61,7 +61,7 @@ pub struct Shared {
     /// Cancelled when the drain deadline passes: open tunnels are cut.
     pub hard_stop: CancellationToken,
     /// HTTP/1.1 (and upgrades) to instances.
-    pool: Pool,
+    pub(crate) pool: Pool,
     /// h2c to instances whose route asks for it.
     h2c: Client<HttpConnector, GatewayBody>,
 }
