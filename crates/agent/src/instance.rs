@@ -266,7 +266,7 @@ fn start_blocking(
     };
     let mut plan = sandbox::plan(&sspec).map_err(|e| e.to_string())?;
     plan.join_cgroup(&cg.dirs());
-    let spawned = sandbox::spawn(&plan).map_err(|e| e.to_string())?;
+    let spawned = sandbox::spawn(Arc::new(plan)).map_err(|e| e.to_string())?;
     let pid = spawned.pid;
     let (exit_tx, exit_rx) = oneshot::channel();
     if let Err(e) = std::thread::Builder::new()

@@ -137,6 +137,8 @@ impl Plan {
 
 // SAFETY: the raw pointers point into the CStrings owned by the same Plan (never mutated).
 unsafe impl Send for Plan {}
+// SAFETY: as for Send; nothing in a Plan is mutated after it is built.
+unsafe impl Sync for Plan {}
 
 const STEP_PRIVATE: u32 = 1000;
 const STEP_PIVOT: u32 = 1001;
@@ -619,47 +621,190 @@ pub const NS_FLAGS: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWIPC;
 
+/// Stack of a sandbox child (mapped lazily: only the pages it touches cost memory).
+const CHILD_STACK: usize = 512 << 10;
+
+/// What the sandbox child reads, in the agent's memory (the child shares it until exec).
+struct ChildArgs {
+    plan: std::sync::Arc<Plan>,
+    report: OwnedFd,
+    go: OwnedFd,
+    out: OwnedFd,
+    err: OwnedFd,
+    alive: OwnedFd,
+    keep: [RawFd; 5],
+}
+
+/// An anonymous stack mapping with a guard page at its low end.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    fn new(len: usize) -> std::io::Result<ChildStack> {
+        // SAFETY: a fresh private anonymous mapping; unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the first page of our own mapping.
+        if unsafe { libc::mprotect(base, 4096, libc::PROT_NONE) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of our mapping, which is page-aligned (so 16-byte aligned).
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (the child has exec'd or exited).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+// SAFETY: the mapping is owned by whoever holds the struct; nothing else refers to it.
+unsafe impl Send for ChildStack {}
+
+/// Entry of the sandbox child, on its own stack in the agent's (shared) memory.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the ChildArgs the cloning thread keeps alive until we exec or exit.
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    // Keep only our ends: the agent's ends (so that the agent dying before `release` shows up
+    // as EOF) and every other fd (other sandboxes' pipes) go.
+    if let Err(e) = sys::close_all_except(&a.keep) {
+        fail(a.report.as_raw_fd(), STEP_FDS, e);
+    }
+    let _ = sys::write_all(a.alive.as_raw_fd(), b"a");
+    child_main(
+        &a.plan,
+        a.report.as_raw_fd(),
+        a.go.as_raw_fd(),
+        a.out.as_raw_fd(),
+        a.err.as_raw_fd(),
+    )
+}
+
 /// Clones the sandbox child. It sets up its mounts and then waits for [`Spawned::release`].
-pub fn spawn(plan: &Plan) -> Result<Spawned, SandboxError> {
+///
+/// The child shares the agent's memory until it execs (`CLONE_VM | CLONE_VFORK`, as
+/// posix_spawn does) instead of getting a copy: a fork-like clone copied the agent's page
+/// tables and left every page the agent wrote afterwards to a copy-on-write fault with a
+/// TLB-flush IPI, about a third of the CPU when launching hundreds of instances (perf, docs/
+/// benchmarks.md). A short-lived thread makes the clone and is suspended until the child has
+/// exec'd or exited: the child runs on a stack of its own, uses that thread's thread-local
+/// state (errno) while the thread cannot, and starts with every signal blocked, so that no
+/// handler of the agent runs on its side (it resets them and unblocks before exec). The
+/// kernel writes the child's pid into `pid` before the child runs; the child then says it is
+/// alive on a pipe, and this function returns while the child waits for `release`.
+pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
     let (report_r, report_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let (alive_r, alive_w) = pipe()?;
     let mut keep = [
         report_w.as_raw_fd(),
         go_r.as_raw_fd(),
         out_w.as_raw_fd(),
         err_w.as_raw_fd(),
+        alive_w.as_raw_fd(),
     ];
     keep.sort_unstable();
-    // SAFETY: the child runs `child_main`, which only makes raw syscalls on `plan`'s prepared
-    // data and ends in exec or _exit.
-    let pid = unsafe { sys::clone_fork(NS_FLAGS) }.map_err(|e| SandboxError::Os {
-        what: "clone",
-        source: std::io::Error::from_raw_os_error(e),
-    })?;
-    if pid == 0 {
-        // Keep only our ends: the parent's ends (so that the agent dying before `release`
-        // shows up as EOF) and every other fd (other sandboxes' pipes) go.
-        if let Err(e) = sys::close_all_except(&keep) {
-            fail(report_w.as_raw_fd(), STEP_FDS, e);
+    let steps = plan.ops.iter().map(|(_, d)| d.clone()).collect();
+    let args = Box::new(ChildArgs {
+        plan,
+        report: report_w,
+        go: go_r,
+        out: out_w,
+        err: err_w,
+        alive: alive_w,
+        keep,
+    });
+    let os = |what: &'static str| move |e: std::io::Error| SandboxError::Os { what, source: e };
+    let stack = ChildStack::new(CHILD_STACK).map_err(os("child stack"))?;
+    let pid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let pid_slot = pid.clone();
+    let cloner = std::thread::Builder::new()
+        .name("sandbox-clone".into())
+        .spawn(move || -> Result<(), i32> {
+            // SAFETY: sigset_t values filled by sigfillset before use; pthread_sigmask only
+            // changes this thread's mask.
+            let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+            unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            }
+            // SAFETY: the child runs `child_entry` on `stack`, reading `args`, both kept alive
+            // here until clone returns, which with CLONE_VFORK is after the child's exec or
+            // exit. It only makes raw syscalls on prepared data (no allocation, no locks).
+            let r = unsafe {
+                libc::clone(
+                    child_entry,
+                    stack.top(),
+                    NS_FLAGS
+                        | libc::CLONE_VM
+                        | libc::CLONE_VFORK
+                        | libc::CLONE_PARENT_SETTID
+                        | libc::SIGCHLD,
+                    (&*args as *const ChildArgs).cast_mut().cast(),
+                    pid_slot.as_ptr(),
+                )
+            };
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            // SAFETY: restores this thread's own mask.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+            // The child has exec'd or exited: its stack and arguments (and our copies of its
+            // pipe ends, so `release` sees EOF on exec) can go.
+            drop((stack, args));
+            if r < 0 { Err(e) } else { Ok(()) }
+        })
+        .map_err(os("sandbox clone thread"))?;
+    let mut byte = [0u8; 1];
+    // SAFETY: reading one byte into a stack buffer.
+    let n = loop {
+        let n = unsafe { libc::read(alive_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
         }
-        child_main(
-            plan,
-            report_w.as_raw_fd(),
-            go_r.as_raw_fd(),
-            out_w.as_raw_fd(),
-            err_w.as_raw_fd(),
-        );
+        break n;
+    };
+    if n != 1 {
+        // EOF: the clone failed, or the child ended before it ran.
+        let r = cloner.join().unwrap_or(Err(libc::EIO));
+        return Err(SandboxError::Os {
+            what: "clone",
+            source: match r {
+                Err(e) => std::io::Error::from_raw_os_error(e),
+                Ok(()) => std::io::Error::other("the sandbox child ended before it started"),
+            },
+        });
     }
-    drop((report_w, go_r, out_w, err_w));
     Ok(Spawned {
-        pid,
+        pid: pid.load(std::sync::atomic::Ordering::SeqCst),
         go: go_w,
         report: report_r,
         stdout: out_r,
         stderr: err_r,
-        steps: plan.ops.iter().map(|(_, d)| d.clone()).collect(),
+        steps,
     })
 }
 

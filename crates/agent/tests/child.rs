@@ -46,11 +46,20 @@ fn sandbox_children_do_not_hold_each_others_pipes() -> Result<()> {
     std::fs::copy(&bin, layer.join("testapp"))?;
     let (da, db, dc) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
     let result = (|| -> Result<()> {
-        let plan_a = sandbox::plan(&spec(rootfs_with_testapp(&da, &layer)?, "a"))?;
-        let plan_b = sandbox::plan(&spec(rootfs_with_testapp(&db, &layer)?, "b"))?;
-        let plan_c = sandbox::plan(&spec(rootfs_with_testapp(&dc, &layer)?, "c"))?;
-        let a = sandbox::spawn(&plan_a)?;
-        let b = sandbox::spawn(&plan_b)?;
+        let plan_a = std::sync::Arc::new(sandbox::plan(&spec(
+            rootfs_with_testapp(&da, &layer)?,
+            "a",
+        ))?);
+        let plan_b = std::sync::Arc::new(sandbox::plan(&spec(
+            rootfs_with_testapp(&db, &layer)?,
+            "b",
+        ))?);
+        let plan_c = std::sync::Arc::new(sandbox::plan(&spec(
+            rootfs_with_testapp(&dc, &layer)?,
+            "c",
+        ))?);
+        let a = sandbox::spawn(plan_a.clone())?;
+        let b = sandbox::spawn(plan_b.clone())?;
         // `a`'s agent side goes away before releasing it: `a` must see EOF and exit, although
         // `b` (cloned later, still waiting for its own release) exists.
         let pid_a = a.pid;
@@ -58,8 +67,8 @@ fn sandbox_children_do_not_hold_each_others_pipes() -> Result<()> {
         let st = wait_timeout(pid_a, Duration::from_secs(10));
         // Releasing `c` must not wait for `b` to exec either (it would if `b` held `c`'s
         // report pipe).
-        let c = sandbox::spawn(&plan_c)?;
-        let b2 = sandbox::spawn(&plan_b)?; // another sibling cloned after `c`
+        let c = sandbox::spawn(plan_c.clone())?;
+        let b2 = sandbox::spawn(plan_b.clone())?; // another sibling cloned after `c`
         let pid_c = c.pid;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
