@@ -54,6 +54,12 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NUD_PERMANENT: u16 = 0x80;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_EXCL: u16 = 0x200;
@@ -432,6 +438,8 @@ pub struct InstanceNet {
     pub ip: Ipv4Addr,
     pub host_veth: String,
     pub no_outbound: bool,
+    /// The bridge holding the host's neighbour entry for `ip`.
+    pub bridge: String,
 }
 
 /// Creates the veth pair with `eth0` inside the netns of `pid`, addresses it and routes it.
@@ -482,6 +490,15 @@ pub fn setup_instance(
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
     link_up_v4(&nl, hidx, &host)?;
+    // The host knows the instance's MAC (it follows from the address): a permanent neighbour
+    // entry instead of ARP. No ARP round trip before the first probe, no resolution that a
+    // lost reply would retry only after a second (a start stalled for ~1 s once in 150), and
+    // no entry that counts against the ARP table's limits.
+    if let Err(e) = neigh(&nl, bridge, ip, Some(instance_mac(ip))) {
+        let _ = delete_link(&host);
+        return Err(e);
+    }
+    let gw_mac = link_mac(&cfg.bridge);
 
     // Inside the netns: a thread of our own joins it (network namespaces are per thread).
     let gw = cfg.gateway;
@@ -503,6 +520,10 @@ pub fn setup_instance(
         })?;
         add_addr(&nl, eth, ip, prefix, "eth0")?;
         link_up_v4(&nl, eth, "eth0")?;
+        // And the instance knows the gateway's (the bridge's) MAC.
+        if let Some(mac) = gw_mac {
+            neigh(&nl, eth, gw, Some(mac))?;
+        }
         let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
         // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
         let rt = [
@@ -531,6 +552,7 @@ pub fn setup_instance(
         })
     });
     if let Err(e) = r {
+        let _ = neigh(&nl, bridge, ip, None);
         let _ = delete_link(&host);
         return Err(e);
     }
@@ -542,6 +564,7 @@ pub fn setup_instance(
         ip,
         host_veth: host,
         no_outbound: !outbound,
+        bridge: cfg.bridge.clone(),
     })
 }
 
@@ -591,11 +614,48 @@ pub fn delete_link(name: &str) -> Result<(), NetError> {
     }
 }
 
-/// Removes the instance's veth (if the netns teardown has not already) and its rules.
+/// Adds (`mac` given) or deletes a permanent IPv4 neighbour entry on link `index`.
+fn neigh(nl: &Netlink, index: i32, ip: Ipv4Addr, mac: Option<[u8; 6]>) -> Result<(), NetError> {
+    let (ty, flags) = match mac {
+        Some(_) => (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE),
+        None => (RTM_DELNEIGH, 0),
+    };
+    let mut m = Msg::new(ty, flags);
+    // ndmsg: family, pad, pad (2), ifindex (4), state (2), flags, type.
+    let mut h = [0u8; 12];
+    h[0] = libc::AF_INET as u8;
+    h[4..8].copy_from_slice(&index.to_ne_bytes());
+    h[8..10].copy_from_slice(&NUD_PERMANENT.to_ne_bytes());
+    m.raw(&h).attr(NDA_DST, &ip.octets());
+    if let Some(mac) = mac {
+        m.attr(NDA_LLADDR, &mac);
+    }
+    nl.request(&format!("neighbour entry for {ip}"), &mut m)
+}
+
+/// A link's MAC address, from sysfs (of the calling thread's network namespace).
+fn link_mac(name: &str) -> Option<[u8; 6]> {
+    let s = fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Removes the instance's veth (if the netns teardown has not already), its rules and the
+/// host's neighbour entry for its address.
 pub fn teardown_instance(net: &InstanceNet) -> Result<(), NetError> {
     if net.no_outbound {
         let ips = net.ip.to_string();
         iptables_run("-D", &["FORWARD", "-s", &ips, "-j", "DROP"]);
+    }
+    if let (Some(idx), false) = (ifindex(&net.bridge), net.ip.is_unspecified())
+        && let Ok(nl) = Netlink::open()
+    {
+        // Gone already (the bridge was removed, or never added) is fine.
+        let _ = neigh(&nl, idx, net.ip, None);
     }
     delete_link(&net.host_veth)
 }

@@ -25,6 +25,23 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     // instances), and it still serves its files below.
     let host_mounts = mounts_under(&node.data);
     assert!(host_mounts.is_empty(), "{host_mounts:?}");
+    // The host's neighbour entry for the instance is permanent (no ARP), with the MAC that
+    // follows from its address, and goes with the instance.
+    let arp = |ip: &str| -> Option<String> {
+        std::fs::read_to_string("/proc/net/arp")
+            .unwrap()
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(ip))
+            .map(str::to_string)
+    };
+    let ip = addr.ip().to_string();
+    let entry = arp(&ip).expect("a neighbour entry for the instance");
+    let f: Vec<&str> = entry.split_whitespace().collect();
+    assert_eq!(
+        (f[2], f[3], f[5]),
+        ("0x6", "02:42:0a:59:01:02", node.bridge.as_str()),
+        "{entry}"
+    );
     // IPv4 only: no IPv6 address generation (no link-local address, DAD or MLD) on the veth.
     let veth = ferry_agent::net::host_veth_name(id);
     let mode = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{veth}/addr_gen_mode"));
@@ -60,6 +77,7 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     // Only our own processes are visible (pid namespace).
     let st = node.stop(id).await?;
     assert_eq!(st.state, InstanceState::Stopped);
+    assert_eq!(arp(&ip), None, "neighbour entry left after stop");
     assert_eq!(std::fs::read_to_string(sys.join("address"))?, mac);
     assert_eq!(st.reason, Some(ExitReason::Stopped));
     let left = leftovers(&node.data, id);
