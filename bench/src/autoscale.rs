@@ -243,6 +243,41 @@ fn wait_until(
     }
 }
 
+/// Deploys `name` as the soak and oscillation parts do (0.1 vCPU, 1–6 instances at a target
+/// concurrency of 2, quick stable window, 60 s idle grace), plus `extra` flags.
+fn deploy_churn(
+    bin: &Path,
+    api: SocketAddr,
+    name: &str,
+    image: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let mut args = vec![
+        "deploy",
+        name,
+        "--image",
+        image,
+        "--cpu",
+        "0.1",
+        "--memory",
+        "64Mi",
+        "--min",
+        "1",
+        "--max",
+        "6",
+        "--target-concurrency",
+        "2",
+        "--idle-grace",
+        "60",
+        "--stable-window",
+        "2s",
+        "--panic-window-pct",
+        "50",
+    ];
+    args.extend_from_slice(extra);
+    ferry(bin, api, &args).map(drop)
+}
+
 fn ferry(bin: &Path, api: SocketAddr, args: &[&str]) -> Result<String> {
     run(Command::new(bin)
         .args(args)
@@ -261,59 +296,20 @@ struct Point {
 pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
     let (bin, testapp) = binaries()?;
     let work = tempfile::tempdir()?;
-    let data = work.path().join("data");
     // The server's log outlives the run, for a look after a failure.
     let log_path = std::env::temp_dir().join("ferry-bench-autoscale-server.log");
     let log = std::fs::File::create(&log_path)?;
     eprintln!("ferry server log: {}", log_path.display());
-    let _server = crate::suites::Proc(
-        Command::new(&bin)
-            .args([
-                "server",
-                "--api-addr",
-                "127.0.0.1:0",
-                "--gateway-addr",
-                "127.0.0.1:0",
-                "--registry-addr",
-                "127.0.0.1:0",
-                "--bridge",
-                "fauto0",
-                "--subnet",
-                "10.117.0.1/24",
-                "--data-dir",
-            ])
-            .arg(&data)
-            .env(
-                "FERRY_LOG",
-                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?,
-    );
-    let addrs = crate::suites::addresses(&data, Duration::from_secs(30))?;
-    let api: SocketAddr = addrs["api"].as_str().context("api")?.parse()?;
-    let gateway: SocketAddr = addrs["gateway"].as_str().context("gateway")?.parse()?;
-    let registry = addrs["registry"].as_str().context("registry")?.to_string();
-    let archive = work.path().join("app.tar");
-    run(Command::new(&bin)
-        .args(["image", "build", "--binary"])
-        .arg(&testapp)
-        .args([
-            "--binary-path",
-            "/testapp",
-            "--port",
-            "8080",
-            "--tag",
-            "v1",
-            "-o",
-        ])
-        .arg(&archive))?;
-    let image = format!("{registry}/testapp:v1");
-    run(Command::new(&bin)
-        .args(["image", "push"])
-        .arg(format!("{}:v1", archive.display()))
-        .arg(&image))?;
+    let server = crate::gateway::start_server(
+        &bin,
+        &testapp,
+        work.path(),
+        "fauto0",
+        "10.117.0.1/24",
+        Some(log),
+    )?;
+    let api: SocketAddr = server.api.parse()?;
+    let (gateway, image) = (server.gateway, server.image.clone());
 
     // FERRY_BENCH_AUTOSCALE=step,soak,oscillation (the default) runs a subset.
     let parts =
@@ -512,34 +508,7 @@ fn soak(
     image: &str,
     cycles: usize,
 ) -> Result<Vec<Row>> {
-    ferry(
-        bin,
-        api,
-        &[
-            "deploy",
-            "as-soak",
-            "--image",
-            image,
-            "--cpu",
-            "0.1",
-            "--memory",
-            "64Mi",
-            "--min",
-            "1",
-            "--max",
-            "6",
-            "--target-concurrency",
-            "2",
-            "--idle-grace",
-            "60",
-            "--stable-window",
-            "2s",
-            "--panic-window-pct",
-            "50",
-            "--anti-thrash",
-            "off",
-        ],
-    )?;
+    deploy_churn(bin, api, "as-soak", image, &["--anti-thrash", "off"])?;
     wait_until(api, "as-soak", "1 ready", Duration::from_secs(30), |s| {
         s.ready >= 1
     })?;
@@ -616,30 +585,12 @@ fn oscillation(bin: &Path, api: SocketAddr, gateway: SocketAddr, image: &str) ->
     let mut out = Vec::new();
     let mut flips = Vec::new();
     for (name, thrash) in [("as-osc-off", "off"), ("as-osc-on", "on")] {
-        ferry(
+        deploy_churn(
             bin,
             api,
+            name,
+            image,
             &[
-                "deploy",
-                name,
-                "--image",
-                image,
-                "--cpu",
-                "0.1",
-                "--memory",
-                "64Mi",
-                "--min",
-                "1",
-                "--max",
-                "6",
-                "--target-concurrency",
-                "2",
-                "--idle-grace",
-                "60",
-                "--stable-window",
-                "2s",
-                "--panic-window-pct",
-                "50",
                 "--anti-thrash",
                 thrash,
                 "--anti-thrash-flips",

@@ -61,7 +61,8 @@ fn wrk(script: &Path, target: SocketAddr, host: &str, conns: u32, secs: u32) -> 
     })
 }
 
-/// `ferry server` on loopback with the static testapp pushed to its registry.
+/// `ferry server` on loopback with the static testapp pushed to its registry. With `log`, the
+/// server's output goes there at `FERRY_LOG` (default info); without, only warnings, to stderr.
 pub(crate) struct Server {
     pub _proc: Proc,
     pub api: String,
@@ -75,31 +76,39 @@ pub(crate) fn start_server(
     work: &Path,
     bridge: &str,
     subnet: &str,
+    log: Option<std::fs::File>,
 ) -> Result<Server> {
     std::fs::create_dir_all(work)?;
     let data = work.join("data");
+    let mut cmd = Command::new(ferry);
+    match log {
+        Some(f) => {
+            let level = std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into());
+            cmd.env("FERRY_LOG", level).stdout(f.try_clone()?).stderr(f);
+        }
+        None => {
+            cmd.env("FERRY_LOG", "warn").stdout(Stdio::null());
+        }
+    }
     let proc = Proc(
-        Command::new(ferry)
-            .args([
-                "server",
-                "--api-addr",
-                "127.0.0.1:0",
-                "--gateway-addr",
-                "127.0.0.1:0",
-                "--registry-addr",
-                "127.0.0.1:0",
-                "--bridge",
-                bridge,
-                "--subnet",
-                subnet,
-                "--data-dir",
-            ])
-            .arg(&data)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
+        cmd.args([
+            "server",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--registry-addr",
+            "127.0.0.1:0",
+            "--bridge",
+            bridge,
+            "--subnet",
+            subnet,
+            "--data-dir",
+        ])
+        .arg(&data)
+        .spawn()?,
     );
-    let a = addresses(&data, Duration::from_secs(20))?;
+    let a = addresses(&data, Duration::from_secs(30))?;
     let api = a["api"].as_str().context("api")?.to_string();
     let gateway: SocketAddr = a["gateway"].as_str().context("gateway")?.parse()?;
     let registry = a["registry"].as_str().context("registry")?.to_string();
@@ -238,11 +247,25 @@ pub fn gateway(
     ensure_packages(&["wrk", "nginx-light"])?;
     let work = tempfile::tempdir()?;
     let w = work.path();
-    let server = start_server(ferry, testapp, &w.join("current"), "fbgw0", "10.98.0.1/24")?;
+    let server = start_server(
+        ferry,
+        testapp,
+        &w.join("current"),
+        "fbgw0",
+        "10.98.0.1/24",
+        None,
+    )?;
     let instance = deploy_gw(ferry, &server)?;
     let before = match baseline {
         Some(b) => {
-            let s = start_server(b, testapp, &w.join("baseline"), "fbgw1", "10.98.1.1/24")?;
+            let s = start_server(
+                b,
+                testapp,
+                &w.join("baseline"),
+                "fbgw1",
+                "10.98.1.1/24",
+                None,
+            )?;
             deploy_gw(b, &s)?;
             Some(s)
         }

@@ -1,7 +1,7 @@
 //! The podman peer of the cold-start suite: `podman run --rm` (runtime runc) of the same image,
 //! timed from spawn to the first byte of an HTTP response.
 
-use crate::suites::{first_byte, free_port, ms};
+use crate::suites::{free_port, ms, poll_first_byte};
 use crate::{ensure_packages, run};
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
@@ -54,15 +54,7 @@ pub(crate) fn cold_starts(archive: &Path, work: &Path, n: usize) -> Result<(Vec<
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            let answered = loop {
-                if let Ok((s, _)) = first_byte(target, "localhost", "/") {
-                    break s;
-                }
-                if t.elapsed() > Duration::from_secs(20) {
-                    break 0;
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            };
+            let answered = poll_first_byte(target, t, Duration::from_secs(20));
             let elapsed = t.elapsed();
             let _ = podman(&conf).args(["kill", &name]).output();
             let _ = child.wait();

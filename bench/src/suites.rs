@@ -31,6 +31,20 @@ pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Polls `GET /` on `target` every 0.5 ms from `since` until it answers (its status) or
+/// `limit` has passed (0): a peer's spawn → first byte.
+pub(crate) fn poll_first_byte(target: SocketAddr, since: Instant, limit: Duration) -> u16 {
+    loop {
+        if let Ok((s, _)) = first_byte(target, "localhost", "/") {
+            return s;
+        }
+        if since.elapsed() > limit {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
 /// Sends `GET path` with `host` and returns (status, time to the first response byte).
 pub(crate) fn first_byte(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Duration)> {
     let start = Instant::now();
@@ -321,7 +335,7 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
     ensure_packages(&["runc"])?;
     let work = tempfile::tempdir()?;
     let w = work.path();
-    let server = crate::gateway::start_server(ferry, testapp, w, "fbench0", "10.93.0.1/24")?;
+    let server = crate::gateway::start_server(ferry, testapp, w, "fbench0", "10.93.0.1/24", None)?;
     let (api, gateway, image) = (server.api.clone(), server.gateway, server.image.clone());
     let archive = w.join("app.tar");
     // Warm-up: the first start pulls and unpacks the image; every measured start finds it cached.
@@ -478,15 +492,7 @@ pub(crate) fn runc_first_byte(testapp: &Path, w: &Path, n: usize) -> Result<Vec<
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let answered = loop {
-            if let Ok((s, _)) = first_byte(target, "localhost", "/") {
-                break s;
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                break 0;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        };
+        let answered = poll_first_byte(target, t, Duration::from_secs(10));
         let elapsed = t.elapsed();
         let _ = Command::new("runc").args(["kill", &id, "KILL"]).status();
         let _ = child.wait();

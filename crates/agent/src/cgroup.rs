@@ -403,11 +403,15 @@ pub fn favor_dynmods(on: bool) -> io::Result<DynMods> {
     if opts.iter().any(|o| o == "favordynmods") == on {
         return Ok(DynMods::Unchanged(point));
     }
-    let c = |s: &str| {
-        std::ffi::CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    let nul = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cgroup2 mount {point:?}: {what} contains a NUL byte"),
+        )
     };
+    let c = |s: &str| std::ffi::CString::new(s).map_err(|_| nul(&format!("option {s:?}")));
     let path = std::ffi::CString::new(point.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        .map_err(|_| nul("the mount point"))?;
     // fspick + fsconfig reconfigure the superblock only: the mount's own flags (nosuid, …)
     // stay, which a mount(2) remount would reset. cgroup2 resets every option not given, so
     // the current ones are given again.
@@ -421,7 +425,8 @@ pub fn favor_dynmods(on: bool) -> io::Result<DynMods> {
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("fspick {point:?}: {e}")));
     }
     // SAFETY: fd was just returned to us and is not owned elsewhere.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };

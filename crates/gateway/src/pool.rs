@@ -42,22 +42,26 @@ struct Pooled {
     conn: Option<Conn>,
 }
 
-impl Pooled {
-    /// Polls the connection's I/O; false once the connection has ended.
-    fn drive(&mut self, addr: SocketAddr, cx: &mut Context<'_>) -> bool {
-        let Some(c) = self.conn.as_mut() else {
-            return false;
-        };
-        match c.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!(%addr, error = %e, "instance connection ended with error");
-                }
-                self.conn = None;
-                false
+/// Polls a connection's I/O; false once it has ended (and then it is `None`).
+fn drive(conn: &mut Option<Conn>, addr: SocketAddr, cx: &mut Context<'_>) -> bool {
+    let Some(c) = conn.as_mut() else {
+        return false;
+    };
+    match c.as_mut().poll(cx) {
+        Poll::Pending => true,
+        Poll::Ready(r) => {
+            if let Err(e) = r {
+                tracing::debug!(%addr, error = %e, "instance connection ended with error");
             }
+            *conn = None;
+            false
         }
+    }
+}
+
+impl Pooled {
+    fn drive(&mut self, addr: SocketAddr, cx: &mut Context<'_>) -> bool {
+        drive(&mut self.conn, addr, cx)
     }
 
     fn is_closed(&self) -> bool {
@@ -183,14 +187,8 @@ impl Pool {
                 if let Poll::Ready(r) = response.as_mut().poll(cx) {
                     return Poll::Ready(r);
                 }
-                // The connection's end fails the response future, polled again next time.
-                if let Some(c) = conn.as_mut()
-                    && let Poll::Ready(r) = c.as_mut().poll(cx)
-                {
-                    if let Err(e) = r {
-                        tracing::debug!(%addr, error = %e, "instance connection ended with error");
-                    }
-                    *conn = None;
+                // The connection's end fails the response future: poll that once more.
+                if conn.is_some() && !drive(conn, addr, cx) {
                     cx.waker().wake_by_ref();
                 }
                 Poll::Pending
