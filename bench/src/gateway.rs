@@ -21,6 +21,75 @@ struct Wrk {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    requests: f64,
+    /// CPU time the platform's processes spent during the run, per request (µs).
+    cpu_us_per_request: f64,
+}
+
+/// On-CPU time of every thread of `pids`, in nanoseconds (the first field of each
+/// /proc/<pid>/task/<tid>/schedstat). Threads that end between two reads drop out, so the
+/// suite reads it only around runs of long-lived processes.
+fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            {
+                total += ns;
+            }
+        }
+    }
+    total
+}
+
+/// Context switches (voluntary and not) of every thread of `pids` so far.
+fn context_switches(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    total
+}
+
+/// `parent` and its child processes (nginx's master and workers).
+fn with_children(parent: u32) -> Vec<u32> {
+    let mut pids = vec![parent];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'.
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            });
+        if ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 const WRK_LUA: &str = r#"
@@ -58,13 +127,15 @@ fn wrk(script: &Path, target: SocketAddr, host: &str, conns: u32, secs: u32) -> 
         rps: f[0] / (f[1] / 1e6),
         p50_ms: f[2] / 1000.0,
         p99_ms: f[3] / 1000.0,
+        requests: f[0],
+        cpu_us_per_request: f64::NAN,
     })
 }
 
 /// `ferry server` on loopback with the static testapp pushed to its registry. With `log`, the
 /// server's output goes there at `FERRY_LOG` (default info); without, only warnings, to stderr.
 pub(crate) struct Server {
-    pub _proc: Proc,
+    pub proc: Proc,
     pub api: String,
     pub gateway: SocketAddr,
     pub image: String,
@@ -125,7 +196,7 @@ pub(crate) fn start_server(
         .arg(format!("{}:v1", archive.display()))
         .arg(&image))?;
     Ok(Server {
-        _proc: proc,
+        proc,
         api,
         gateway,
         image,
@@ -278,30 +349,46 @@ pub fn gateway(
     let script = w.join("summary.lua");
     std::fs::write(&script, WRK_LUA)?;
 
+    // The processes whose CPU time counts against each path: the proxy's, and the Ferry
+    // server's on every path (it pumps the instance's per-request log lines whichever path the
+    // request took).
+    let ferry_pid = server.proc.0.id();
+    let mut nginx_pids = with_children(nginx.0.id());
+    nginx_pids.push(ferry_pid);
     let mut targets = vec![
-        ("gateway", server.gateway),
-        ("direct", instance),
-        ("nginx", nginx_addr),
+        ("gateway", server.gateway, vec![ferry_pid]),
+        ("direct", instance, vec![ferry_pid]),
+        ("nginx", nginx_addr, nginx_pids),
     ];
     if let Some(b) = &before {
-        targets.push(("gateway (baseline build)", b.gateway));
+        targets.push(("gateway (baseline build)", b.gateway, vec![b.proc.0.id()]));
     }
     let nt = targets.len();
     // results[target][connections index] = one Wrk per run
     let mut results: Vec<Vec<Vec<Wrk>>> = vec![vec![Vec::new(); CONNECTIONS.len()]; nt];
     // Warm every path (connection pools, nginx workers, page cache) before measuring.
-    for &(_, addr) in &targets {
-        wrk(&script, addr, "gw.localhost", 16, 1)?;
+    for (_, addr, _) in &targets {
+        wrk(&script, *addr, "gw.localhost", 16, 1)?;
     }
     for r in 0..runs {
         for (ci, &c) in CONNECTIONS.iter().enumerate() {
             // Rotate which target goes first, so none always follows the same one.
             for k in 0..nt {
                 let t = (k + r + ci) % nt;
-                let m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)?;
+                let (cpu_before, cs_before) =
+                    (cpu_ns(&targets[t].2), context_switches(&targets[t].2));
+                let mut m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)?;
+                let cpu = cpu_ns(&targets[t].2).saturating_sub(cpu_before);
+                let cs = context_switches(&targets[t].2).saturating_sub(cs_before);
+                m.cpu_us_per_request = cpu as f64 / 1e3 / m.requests.max(1.0);
                 eprintln!(
-                    "gateway run {r}: {} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
-                    targets[t].0, m.rps, m.p50_ms, m.p99_ms
+                    "gateway run {r}: {} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} µs CPU and {:.2} context switches a request",
+                    targets[t].0,
+                    m.rps,
+                    m.p50_ms,
+                    m.p99_ms,
+                    m.cpu_us_per_request,
+                    cs as f64 / m.requests.max(1.0)
                 );
                 results[t][ci].push(m);
             }
@@ -350,6 +437,27 @@ pub fn gateway(
             }
         }
     }
+    let cpu = |w: &Wrk| w.cpu_us_per_request;
+    for (ci, &c) in CONNECTIONS.iter().enumerate().skip(1) {
+        rows.push(Row {
+            metric: format!("platform CPU per request, {c} connections"),
+            unit: "µs".into(),
+            ferry: med(gw, ci, cpu),
+            peer_name: nginx_name.clone(),
+            peer: Some(med(ngx, ci, cpu)),
+            goal: None,
+        });
+        rows.push(Row {
+            metric: format!(
+                "platform CPU per request, {c} connections (no proxy: the Ferry server's own share)"
+            ),
+            unit: "µs".into(),
+            ferry: med(gw, ci, cpu),
+            peer_name: direct_name.clone(),
+            peer: Some(med(direct, ci, cpu)),
+            goal: None,
+        });
+    }
     if baseline.is_some() {
         let (bl, name) = (3, Some("baseline build's gateway".to_string()));
         rows.push(Row {
@@ -390,7 +498,7 @@ pub fn gateway(
     }
     Ok((
         format!(
-            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to one instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance.{}",
+            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to one instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance. Platform CPU per request is the on-CPU time (/proc/<pid>/task/*/schedstat) of the proxy's processes during a run over the requests it served; the `ferry server` process counts on every path, because it pumps the instance's log line of each request whichever path the request took (the direct row is that share alone).{}",
             nginx_name.as_deref().unwrap_or("nginx"),
             baseline.map_or(String::new(), |b| format!(" A second `ferry server` built from an earlier tree ({}) runs beside it with its own identical instance; its gateway is a fourth path in the same rotation (the baseline rows).", b.display()))
         ),
