@@ -2,7 +2,7 @@
 //! instance, and through nginx as a reverse proxy to the same instance, with wrk at fixed
 //! connection counts.
 
-use crate::suites::{Proc, addresses, ferry_cli, free_port, wait_http};
+use crate::suites::{Proc, addresses, cpu_ns, ferry_cli, free_port, wait_http};
 use crate::{Row, ensure_packages, percentile, run, sorted};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
@@ -24,27 +24,6 @@ struct Wrk {
     requests: f64,
     /// CPU time the platform's processes spent during the run, per request (µs).
     cpu_us_per_request: f64,
-}
-
-/// On-CPU time of every thread of `pids`, in nanoseconds (the first field of each
-/// /proc/<pid>/task/<tid>/schedstat). Threads that end between two reads drop out, so the
-/// suite reads it only around runs of long-lived processes.
-fn cpu_ns(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            {
-                total += ns;
-            }
-        }
-    }
-    total
 }
 
 /// Context switches (voluntary and not) of every thread of `pids` so far.
@@ -255,6 +234,11 @@ http {{
 }}
 "
     );
+    run_nginx(dir, &conf)
+}
+
+/// nginx in the foreground with `conf` written to `dir`/nginx.conf.
+pub(crate) fn run_nginx(dir: &Path, conf: &str) -> Result<Proc> {
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
     Ok(Proc(

@@ -12,6 +12,7 @@ mod density;
 mod gateway;
 mod launch;
 mod podman;
+mod registry;
 mod suites;
 
 use anyhow::{Context, Result};
@@ -50,7 +51,8 @@ struct Cli {
 enum Suite {
     /// Everything below.
     All,
-    /// Push and pull of a ~200 MB 5-layer image with skopeo: Ferry vs docker-registry 2.8.
+    /// Push and pull of a ~200 MB 5-layer image with skopeo: Ferry vs docker-registry 2.8, beside
+    /// the client-only floors (a null registry for pushes, nginx serving the files for pulls).
     Registry,
     /// Request → first byte for a scaled-to-zero service (image cached), vs `runc run` of the
     /// same rootfs and `podman run --rm` of the same image to their first HTTP response.
@@ -260,7 +262,7 @@ fn main() -> Result<()> {
         let (ferry, testapp) = build()?;
         let _remove = RemoveOnDrop(ferry.clone());
         if want(Suite::Registry) {
-            let (how, rows) = suites::registry(&ferry, cli.runs)?;
+            let (how, rows) = registry::registry(&ferry, cli.runs)?;
             print_and_save("registry", &how, rows)?;
         }
         if want(Suite::ColdStart) {

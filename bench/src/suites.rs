@@ -27,6 +27,27 @@ impl Drop for Proc {
     }
 }
 
+/// On-CPU time of every thread of `pids`, in nanoseconds (the first field of each
+/// /proc/<pid>/task/<tid>/schedstat). Threads that end between two reads drop out, so the
+/// suite reads it only around runs of long-lived processes.
+pub(crate) fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            {
+                total += ns;
+            }
+        }
+    }
+    total
+}
+
 pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -179,7 +200,7 @@ pub fn scheduler() -> Result<(String, Vec<Row>)> {
 
 // ---------------------------------------------------------------------------------------------
 
-fn write_random(path: &Path, mib: usize, mut seed: u64) -> Result<()> {
+pub(crate) fn write_random(path: &Path, mib: usize, mut seed: u64) -> Result<()> {
     let mut data = vec![0u8; mib << 20];
     for chunk in data.chunks_mut(8) {
         seed ^= seed << 13;
@@ -191,136 +212,12 @@ fn write_random(path: &Path, mib: usize, mut seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn skopeo(args: &[&str]) -> Result<Duration> {
+pub(crate) fn skopeo(args: &[&str]) -> Result<Duration> {
     // The blob-info cache lets skopeo skip blobs it saw elsewhere; every run starts cold.
     let _ = std::fs::remove_file("/var/lib/containers/cache/blob-info-cache-v1.boltdb");
     let t = Instant::now();
     run(Command::new("skopeo").arg("--insecure-policy").args(args))?;
     Ok(t.elapsed())
-}
-
-pub fn registry(ferry: &Path, runs: usize) -> Result<(String, Vec<Row>)> {
-    ensure_packages(&["skopeo", "docker-registry"])?;
-    let work = tempfile::tempdir()?;
-    let w = work.path();
-    let mut build = Command::new(ferry);
-    build
-        .args([
-            "image",
-            "build",
-            "--tag",
-            "v1",
-            "--entrypoint",
-            "/bin/app",
-            "-o",
-        ])
-        .arg(w.join("image.tar"));
-    for i in 0..5 {
-        let d = w.join(format!("layer{i}"));
-        std::fs::create_dir_all(&d)?;
-        write_random(&d.join("data.bin"), 40, 0x9E37_79B9_7F4A_7C15 + i)?;
-        build.arg("--dir").arg(&d);
-    }
-    run(&mut build)?;
-    let size = std::fs::metadata(w.join("image.tar"))?.len() as f64 / (1 << 20) as f64;
-
-    // Ferry.
-    let data = w.join("ferry");
-    let ferry_proc = Proc(
-        Command::new(ferry)
-            .args(["registry", "--registry-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let ferry_addr: SocketAddr = addresses(&data, Duration::from_secs(10))?["registry"]
-        .as_str()
-        .context("registry address")?
-        .parse()?;
-    // docker-registry 2.8 with a config of its own.
-    let port = free_port()?;
-    let cfg = w.join("docker-registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            w.join("dr").display()
-        ),
-    )?;
-    let peer_proc = Proc(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let peer_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    wait_http(ferry_addr, "localhost", "/v2/", Duration::from_secs(10))?;
-    wait_http(peer_addr, "localhost", "/v2/", Duration::from_secs(10))?;
-
-    let src = format!("oci-archive:{}:v1", w.join("image.tar").display());
-    let mut times: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]), (vec![], vec![])];
-    for i in 0..runs {
-        // Alternate who goes first, so neither always gets the warmer page cache.
-        let order: Vec<usize> = if i % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
-        for k in order {
-            let addr = if k == 0 { ferry_addr } else { peer_addr };
-            let dest = format!("docker://{addr}/bench/run{i}:v1");
-            let push = skopeo(&["copy", "--dest-tls-verify=false", &src, &dest])?;
-            let out = w.join(format!("pull-{k}-{i}"));
-            let pull = skopeo(&[
-                "copy",
-                "--src-tls-verify=false",
-                &dest,
-                &format!("oci:{}:v1", out.display()),
-            ])?;
-            std::fs::remove_dir_all(&out)?;
-            times[k].0.push(ms(push));
-            times[k].1.push(ms(pull));
-        }
-    }
-    let (fr, pr) = (
-        peak_rss_mib(ferry_proc.0.id()),
-        peak_rss_mib(peer_proc.0.id()),
-    );
-    let med = |v: &Vec<f64>| percentile(&sorted(v.clone()), 0.5);
-    let peer = Some("docker-registry 2.8".to_string());
-    let rows = vec![
-        Row {
-            metric: format!("push {size:.0} MiB, 5 layers (median of {runs})"),
-            unit: "ms".into(),
-            ferry: med(&times[0].0),
-            peer_name: peer.clone(),
-            peer: Some(med(&times[1].0)),
-            goal: Some("≤ 0.8× peer".into()),
-        },
-        Row {
-            metric: format!("pull {size:.0} MiB, 5 layers (median of {runs})"),
-            unit: "ms".into(),
-            ferry: med(&times[0].1),
-            peer_name: peer.clone(),
-            peer: Some(med(&times[1].1)),
-            goal: Some("≤ 0.8× peer".into()),
-        },
-        Row {
-            metric: "registry peak RSS".into(),
-            unit: "MiB".into(),
-            ferry: fr,
-            peer_name: peer,
-            peer: Some(pr),
-            goal: Some("≤ peer".into()),
-        },
-    ];
-    drop(ferry_proc);
-    drop(peer_proc);
-    Ok((
-        format!(
-            "skopeo 1.9 copies an oci-archive of 5 layers × 40 MiB of incompressible data ({size:.0} MiB) into each registry (a fresh repository per run) and back into an OCI directory, {runs} runs each, alternating which registry goes first; skopeo's blob-info cache is removed before every copy. Wall time of each skopeo command; peak RSS is VmHWM of the registry process after all runs. Ferry: `ferry registry` (release build); peer: Debian's docker-registry 2.8 with filesystem storage."
-        ),
-        rows,
-    ))
 }
 
 // ---------------------------------------------------------------------------------------------

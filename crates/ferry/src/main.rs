@@ -39,7 +39,8 @@ enum Command {
 
 /// mimalloc instead of glibc's malloc: the gateway allocates per request (hyper's buffers
 /// and header maps), and with glibc about an eighth of its CPU under load went to malloc and
-/// free (perf, wrk at 64 connections); see docs/benchmarks.md.
+/// free (perf, wrk at 64 connections); see docs/benchmarks.md. Built without its transparent
+/// huge pages (the `no_thp` feature, Cargo.toml).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
