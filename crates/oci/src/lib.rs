@@ -13,4 +13,4 @@ pub mod store;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use manifest::{Descriptor, ImageConfig, Manifest, ManifestError, Platform};
-pub use store::{GcReport, Store, StoreError, UploadState};
+pub use store::{Committed, GcReport, Store, StoreError, UploadState};

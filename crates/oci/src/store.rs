@@ -74,6 +74,16 @@ pub struct GcReport {
     pub uploads_removed: u64,
 }
 
+/// A committed upload.
+#[derive(Debug)]
+pub struct Committed {
+    /// The blob's size in bytes.
+    pub size: u64,
+    /// The upload's own copy of content that was already stored, staged under `tmp/` for the
+    /// caller to remove.
+    pub duplicate: Option<PathBuf>,
+}
+
 /// What an upload session holds so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadState {
@@ -246,14 +256,21 @@ impl Store {
 
     /// Verifies an upload against `expected` and makes it a blob linked into `repository`.
     /// `hashed` is the streaming sha256 the caller kept while appending, when it covers the
-    /// whole file; otherwise the file is hashed again here. Returns the blob's size.
+    /// whole file; otherwise the file is hashed again here.
+    ///
+    /// When the blob is already stored (another repository pushed the same content), the
+    /// stored file stays and its modification time is renewed, so that gc's grace period
+    /// counts from this push; the upload's copy is staged under `tmp/` and returned for the
+    /// caller to remove when it suits it: unlinking a large file is slow on a disk mounted
+    /// with `discard` (8 ms for 40 MiB here), and replacing the stored file by rename did the
+    /// same unlink inside the request. [`Store::open`] empties `tmp/` of anything left.
     pub fn commit_upload(
         &self,
         id: &str,
         repository: &str,
         expected: &Digest,
         hashed: Option<Digest>,
-    ) -> Result<u64> {
+    ) -> Result<Committed> {
         let data = self.upload_data(id);
         let f = File::open(&data).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::UploadUnknown(id.to_string()),
@@ -272,11 +289,27 @@ impl Store {
         f.sync_all().map_err(io_err(&data))?;
         let size = f.metadata().map_err(io_err(&data))?.len();
         drop(f);
+        let dest = self.blob_path(expected);
         let _guard = self.write_lock()?;
-        self.install(&data, &self.blob_path(expected))?;
+        let duplicate = match fs::metadata(&dest) {
+            Ok(m) if m.is_file() && m.len() == size => {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&dest)
+                    .and_then(|f| f.set_modified(SystemTime::now()))
+                    .map_err(io_err(&dest))?;
+                let staged = self.root.join("tmp").join(format!("upload-{id}"));
+                fs::rename(&data, &staged).map_err(io_err(&staged))?;
+                Some(staged)
+            }
+            _ => {
+                self.install(&data, &dest)?;
+                None
+            }
+        };
         self.link_blob_locked(repository, expected)?;
         self.delete_upload(id)?;
-        Ok(size)
+        Ok(Committed { size, duplicate })
     }
 
     // ---- repositories ----
@@ -623,11 +656,51 @@ mod tests {
         ));
         assert!(s.blob_size(&wrong).unwrap().is_none());
         let d = Digest::sha256(b"hello");
-        assert_eq!(s.commit_upload(&id, "a/b", &d, None).unwrap(), 5);
+        let c = s.commit_upload(&id, "a/b", &d, None).unwrap();
+        assert_eq!((c.size, c.duplicate), (5, None));
         assert_eq!(s.blob_in_repository("a/b", &d).unwrap(), Some(5));
         assert_eq!(s.blob_in_repository("other", &d).unwrap(), None);
         assert!(s.upload_state(&id).unwrap().is_none());
         assert_eq!(s.repositories().unwrap(), vec!["a/b".to_string()]);
+    }
+
+    #[test]
+    fn upload_of_stored_content_keeps_the_stored_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let d = Digest::sha256(b"hello");
+        let first = s.create_upload("a").unwrap();
+        fs::write(s.upload_data(&first), b"hello").unwrap();
+        s.commit_upload(&first, "a", &d, None).unwrap();
+        let stored = s.blob_path(&d);
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&stored)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let inode = fs::metadata(&stored).unwrap().ino();
+
+        let second = s.create_upload("b").unwrap();
+        fs::write(s.upload_data(&second), b"hello").unwrap();
+        let c = s.commit_upload(&second, "b", &d, None).unwrap();
+        let meta = fs::metadata(&stored).unwrap();
+        assert_eq!(meta.ino(), inode, "the stored file was replaced");
+        assert!(
+            meta.modified().unwrap() > old,
+            "mtime not renewed: gc could take it"
+        );
+        let dup = c.duplicate.expect("the upload's copy is handed back");
+        assert!(dup.starts_with(dir.path().join("tmp")));
+        assert_eq!(fs::read(&dup).unwrap(), b"hello");
+        assert_eq!(s.blob_in_repository("b", &d).unwrap(), Some(5));
+        assert!(s.upload_state(&second).unwrap().is_none());
+        // Left behind, it goes when the store is next opened.
+        drop(s);
+        Store::open(dir.path()).unwrap();
+        assert!(!dup.exists());
     }
 
     #[test]

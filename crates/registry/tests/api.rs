@@ -803,6 +803,41 @@ async fn referrers_with_subject_and_artifact_type_filter() {
 }
 
 #[tokio::test]
+async fn uploading_stored_content_to_another_repository() {
+    let reg = start().await;
+    let data = vec![7u8; 3 << 20];
+    let d = reg.push_blob("a", &data).await;
+    // The same bytes uploaded (not mounted) into another repository: accepted, served there,
+    // and the second copy does not stay on disk.
+    assert_eq!(reg.push_blob("b", &data).await, d);
+    let r = reg
+        .req(Method::GET, &format!("/v2/b/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
+    assert_eq!(
+        reg.status(Method::HEAD, &format!("/v2/a/blobs/{d}")).await,
+        StatusCode::OK
+    );
+    let root = reg._dir.path().join("reg");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let staged = std::fs::read_dir(root.join("tmp")).unwrap().count();
+        let uploads = std::fs::read_dir(root.join("uploads")).unwrap().count();
+        if staged == 0 && uploads == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{staged} staged files and {uploads} uploads left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn cross_repository_mount() {
     let reg = start().await;
     let d = reg.push_blob("src", b"shared layer").await;
