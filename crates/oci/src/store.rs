@@ -3,7 +3,9 @@
 //! ```text
 //! <root>/blobs/<alg>/<hex>                      content, visible only once verified and fsynced
 //! <root>/uploads/<id>/{data,repo}               upload sessions (survive restarts, resumable)
-//! <root>/tmp/                                   staging for atomic writes; emptied on open
+//! <root>/tmp/                                   staging for atomic writes, and uploaded copies of
+//!                                               content already stored, awaiting removal;
+//!                                               emptied on open
 //! <root>/repos/<name>/_links/<alg>/<hex>        blob belongs to the repository
 //! <root>/repos/<name>/_manifests/<alg>/<hex>    manifest revision; file holds its media type
 //! <root>/repos/<name>/_tags/<tag>               tag → manifest digest
