@@ -274,18 +274,26 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
         .await?;
     assert_eq!(r.status(), 409);
     assert_eq!(c.get("logged", "/env").await?.status(), 200);
-    let text = c
-        .http
-        .get(format!("{}/v1/services/logged/logs", c.api))
-        .send()
-        .await?
-        .text()
-        .await?;
-    assert!(
-        text.lines()
-            .any(|l| l.contains(" stdout ") && l.contains("listening")),
-        "{text}"
-    );
+    // The agent writes lines to the log within milliseconds of the instance's write
+    // (batched; docs/agent.md), so the instance's first line may trail its readiness.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = c
+            .http
+            .get(format!("{}/v1/services/logged/logs", c.api))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if text
+            .lines()
+            .any(|l| l.contains(" stdout ") && l.contains("listening"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Exec runs inside the instance: a second testapp finds the port taken in its netns.
     let v: Value = c
         .http

@@ -10,12 +10,11 @@ use ferry_api::agent::{
     AgentEvent, ExitReason, InstanceSpec, InstanceState, InstanceStatus, Probe, ProbeKind,
     RegistryAuth,
 };
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -220,7 +219,6 @@ fn start_blocking(
     image: &crate::image::PreparedImage,
     res: &Arc<Mutex<Resources>>,
     log: &Arc<Mutex<std::fs::File>>,
-    rt: &tokio::runtime::Handle,
 ) -> Result<(Started, ExecInfo), String> {
     let id = &spec.instance_id;
     let dir = crate::instance_dir(&shared.config.data_dir, id);
@@ -291,17 +289,13 @@ fn start_blocking(
         msg
     };
     // Logs: readers before release so the pipes never fill.
-    {
-        let _g = rt.enter();
-        for (fd, stream) in [
-            (spawned.stdout.try_clone(), "stdout"),
-            (spawned.stderr.try_clone(), "stderr"),
-        ] {
-            let fd = fd.map_err(|e| fail(format!("log pipe: {e}")))?;
-            let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-                .map_err(|e| fail(format!("log pipe: {e}")))?;
-            rt.spawn(pump_log(rx, stream, log.clone()));
-        }
+    for (fd, stream) in [
+        (spawned.stdout.try_clone(), "stdout"),
+        (spawned.stderr.try_clone(), "stderr"),
+    ] {
+        let fd = fd.map_err(|e| fail(format!("log pipe: {e}")))?;
+        crate::logs::collect(fd, stream, log.clone())
+            .map_err(|e| fail(format!("log pipe: {e}")))?;
     }
     // The child joins its cgroup itself (see `Plan::join_cgroup`), overlapping this.
     let net = crate::net::setup_instance(&shared.config.net, id, pid, ip, spec.outbound_network)
@@ -324,49 +318,6 @@ fn start_blocking(
         rootfs: PathBuf::from(format!("/proc/{pid}/root")),
     };
     Ok((started, info))
-}
-
-async fn pump_log(
-    rx: tokio::net::unix::pipe::Receiver,
-    stream: &'static str,
-    log: Arc<Mutex<std::fs::File>>,
-) {
-    let mut r = tokio::io::BufReader::new(rx);
-    let mut line = Vec::new();
-    let mut out = Vec::new();
-    loop {
-        line.clear();
-        match r.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let ts = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        out.clear();
-        push_log_line(&mut out, &ts, stream, &line);
-        // The other whole lines that came with the same pipe read go out in the same write:
-        // a chatty instance (a line per request) costs one write per read, not per line.
-        while r.buffer().contains(&b'\n') {
-            line.clear();
-            if !matches!(r.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
-                break;
-            }
-            push_log_line(&mut out, &ts, stream, &line);
-        }
-        let _ = log.lock().unwrap().write_all(&out);
-    }
-}
-
-/// Appends `<ts> <stream> <line>\n` (the line without its newline, invalid UTF-8 replaced).
-fn push_log_line(out: &mut Vec<u8>, ts: &str, stream: &str, line: &[u8]) {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    out.extend_from_slice(ts.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(stream.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(String::from_utf8_lossy(line).as_bytes());
-    out.push(b'\n');
 }
 
 async fn probe_once(addr: SocketAddr, probe: &Probe, starting: bool) -> bool {
@@ -530,8 +481,7 @@ async fn supervise(
     };
     let started = {
         let (shared, spec, res, log) = (shared.clone(), spec.clone(), res.clone(), log.clone());
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || start_blocking(&shared, &spec, &image, &res, &log, &rt))
+        tokio::task::spawn_blocking(move || start_blocking(&shared, &spec, &image, &res, &log))
             .await
             .unwrap_or_else(|e| Err(format!("start task: {e}")))
     };
@@ -779,36 +729,6 @@ mod tests {
             termination_grace_ms: 1000,
             isolation: Default::default(),
         }
-    }
-
-    #[tokio::test]
-    async fn log_lines_keep_one_line_each_when_batched() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.log");
-        let log = Arc::new(Mutex::new(std::fs::File::create(&path).unwrap()));
-        let (mut tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
-        let pump = tokio::spawn(pump_log(rx, "stdout", log));
-        tx.write_all(b"one\ntwo\nthree\n").await.unwrap();
-        tx.write_all(b"f\xffour\nlast without newline")
-            .await
-            .unwrap();
-        drop(tx);
-        pump.await.unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 5, "{text}");
-        let rest: Vec<&str> = lines.iter().map(|l| l.split_once(' ').unwrap().1).collect();
-        assert_eq!(
-            rest,
-            [
-                "stdout one",
-                "stdout two",
-                "stdout three",
-                "stdout f\u{fffd}our",
-                "stdout last without newline"
-            ]
-        );
-        assert!(text.ends_with('\n'));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod http;
 pub mod image;
 mod instance;
+mod logs;
 pub mod net;
 pub mod rootfs;
 pub mod sandbox;

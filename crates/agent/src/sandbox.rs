@@ -517,6 +517,9 @@ fn process_plan(
     })
 }
 
+/// Capacity of an instance's stdout and stderr pipes.
+const LOG_PIPE_BYTES: libc::c_int = 256 << 10;
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a 2-int array for pipe2 to fill.
@@ -717,6 +720,13 @@ pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
     let (go_r, go_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    for w in [&out_w, &err_w] {
+        // Room for what the instance logs while the agent's log thread gathers lines
+        // (logs::GATHER); the default 64 KiB would block a chatty instance sooner.
+        // Best effort: the kernel may cap it (fs.pipe-max-size).
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; no memory is passed.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, LOG_PIPE_BYTES) };
+    }
     let (alive_r, alive_w) = pipe()?;
     let mut keep = [
         report_w.as_raw_fd(),
