@@ -17,7 +17,9 @@ mod proxy;
 mod routing;
 mod state;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_api::gateway::{GatewayEvent, RouteTable};
@@ -74,10 +76,18 @@ impl Config {
 pub enum Error {
     #[error("gateway config {key}: {message}")]
     Config { key: &'static str, message: String },
+    /// A gateway thread or its event loop could not be started.
+    #[error("gateway threads: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Serves the gateway on `listener` until `shutdown` is cancelled, then stops accepting and
 /// lets in-flight requests finish (for at most 10 s).
+///
+/// Connections are served by one thread per core, each with an event loop of its own (a
+/// current-thread tokio runtime): a request is read, proxied and answered on one thread with
+/// one wake-up per socket event, as in nginx's workers. The caller's runtime accepts and hands
+/// each connection to the thread serving the fewest; route updates and stats run there too.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
@@ -86,14 +96,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     config.validate()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let stats_interval = config.stats_interval;
     let shared = Arc::new(proxy::Shared::new(
         config,
         &routes.borrow().clone(),
         events.clone(),
+        threads,
     ));
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, domain = %shared.config.domain, "gateway listening");
+        info!(%addr, domain = %shared.config.domain, threads, "gateway listening");
     }
 
     let background = CancellationToken::new();
@@ -105,9 +117,41 @@ pub async fn serve(
         background.clone(),
     ));
 
-    let builder = auto::Builder::new(TokioExecutor::new());
     let conns = TaskTracker::new();
-    let hard_stop = shared.hard_stop.clone();
+    // Cancelled once the drain is over (or when this future is dropped): the threads stop.
+    let workers_stop = CancellationToken::new();
+    let _stop_on_drop = workers_stop.clone().drop_guard();
+    let mut workers = Vec::with_capacity(threads);
+    let mut threads_joined = Vec::with_capacity(threads);
+    for (i, pool) in shared.pools.iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::Thread)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        let worker = Worker {
+            shared: shared.clone(),
+            pool: pool.clone(),
+            conns: conns.clone(),
+            load: load.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let stop = workers_stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("gateway-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    worker.run(rx).await;
+                    // Its connections run here until the drain ends.
+                    stop.cancelled().await;
+                })
+            })
+            .map_err(Error::Thread)?;
+        workers.push((tx, load));
+        threads_joined.push(thread);
+    }
+
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -121,33 +165,23 @@ pub async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let svc = service_fn(move |req| proxy::handle(shared.clone(), peer, req));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let shutdown = shutdown.clone();
-        let hard_stop = hard_stop.clone();
-        conns.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
-                    return;
-                }
-                _ = shutdown.cancelled() => {}
+        // The socket leaves this runtime's event loop for the chosen thread's.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        if let Some((tx, load)) = workers
+            .iter()
+            .min_by_key(|(_, load)| load.load(Ordering::Relaxed))
+        {
+            load.fetch_add(1, Ordering::Relaxed);
+            if tx.send((stream, peer)).is_err() {
+                load.fetch_sub(1, Ordering::Relaxed);
             }
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
-                }
-                _ = hard_stop.cancelled() => {}
-            }
-        });
+        }
     }
     drop(listener);
+    drop(workers);
+
     conns.close();
     shared.tunnels.close();
     info!(
@@ -165,13 +199,71 @@ pub async fn serve(
             tunnels = shared.tunnels.len(),
             "drain deadline passed; closing connections"
         );
-        hard_stop.cancel();
+        shared.hard_stop.cancel();
         conns.wait().await;
         shared.tunnels.wait().await;
     }
+    workers_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads_joined {
+            let _ = t.join();
+        }
+    })
+    .await;
     background.cancel();
     info!("gateway stopped");
     Ok(())
+}
+
+/// One gateway thread: serves the connections handed to it, each as a task on this thread.
+struct Worker {
+    shared: Arc<proxy::Shared>,
+    pool: proxy::Pool,
+    conns: TaskTracker,
+    /// Connections open on this thread; the acceptor picks the thread with the fewest.
+    load: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Until the acceptor stops handing over connections.
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>) {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        while let Some((stream, peer)) = rx.recv().await {
+            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                self.load.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (shared, pool) = (self.shared.clone(), self.pool.clone());
+            let svc = service_fn(move |req| proxy::handle(shared.clone(), pool.clone(), peer, req));
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let shutdown = self.shutdown.clone();
+            let hard_stop = self.shared.hard_stop.clone();
+            let load = self.load.clone();
+            self.conns.spawn(async move {
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
+                        load.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
+                    }
+                    _ = hard_stop.cancelled() => {}
+                }
+                load.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
 }
 
 /// Mirrors the published route table into the gateway's index and wakes held requests.
@@ -220,7 +312,9 @@ async fn send_stats(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        shared.pool.sweep();
+        for pool in &shared.pools {
+            pool.sweep();
+        }
         let now = Instant::now();
         let revisions: Vec<_> = shared
             .revs

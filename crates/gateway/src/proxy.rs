@@ -25,7 +25,8 @@ use crate::Config;
 use crate::body::{GatewayBody, LimitedBody, ResponseBody, empty};
 use crate::error::ProxyError;
 use crate::headers;
-use crate::pool::{Pool, SendError};
+pub(crate) use crate::pool::Pool;
+use crate::pool::SendError;
 use crate::routing;
 use crate::state::{Admission, InflightGuard, RevState, Revisions, WaitGuard};
 
@@ -60,18 +61,26 @@ pub struct Shared {
     pub tunnels: TaskTracker,
     /// Cancelled when the drain deadline passes: open tunnels are cut.
     pub hard_stop: CancellationToken,
-    /// HTTP/1.1 (and upgrades) to instances.
-    pub(crate) pool: Pool,
+    /// HTTP/1.1 (and upgrades) to instances: one pool per gateway thread, so that a pooled
+    /// connection is only ever polled on the thread whose event loop watches its socket.
+    pub(crate) pools: Vec<Pool>,
     /// h2c to instances whose route asks for it.
     h2c: Client<HttpConnector, GatewayBody>,
 }
 
 impl Shared {
-    pub fn new(config: Config, table: &RouteTable, events: mpsc::Sender<GatewayEvent>) -> Self {
+    pub fn new(
+        config: Config,
+        table: &RouteTable,
+        events: mpsc::Sender<GatewayEvent>,
+        threads: usize,
+    ) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
-        let pool = Pool::new(Duration::from_secs(5));
+        let pools = (0..threads.max(1))
+            .map(|_| Pool::new(Duration::from_secs(5)))
+            .collect();
         let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .http2_only(true)
@@ -84,7 +93,7 @@ impl Shared {
             revs: Revisions::default(),
             tunnels: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
-            pool,
+            pools,
             h2c,
         }
     }
@@ -113,6 +122,7 @@ impl Shared {
 /// hyper service entry point: never fails, every error becomes a JSON response.
 pub async fn handle(
     shared: Arc<Shared>,
+    pool: Pool,
     client: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
@@ -120,7 +130,7 @@ pub async fn handle(
     let id = request_id.to_str().unwrap_or_default();
     let span =
         info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let resp = match proxy(&shared, client, req, &request_id)
+    let resp = match proxy(&shared, &pool, client, req, &request_id)
         .instrument(span.clone())
         .await
     {
@@ -148,6 +158,7 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
 
 async fn proxy(
     shared: &Shared,
+    pool: &Pool,
     client: SocketAddr,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
@@ -236,9 +247,7 @@ async fn proxy(
                 Err(e) => Err(e),
             }
         } else {
-            match tokio::time::timeout_at(deadline, shared.pool.send(endpoint.address, upstream))
-                .await
-            {
+            match tokio::time::timeout_at(deadline, pool.send(endpoint.address, upstream)).await {
                 Ok(r) => Ok(r.map(|(resp, l)| (resp, Some(l))).map_err(Upstream::H1)),
                 Err(e) => Err(e),
             }
