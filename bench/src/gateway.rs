@@ -351,8 +351,8 @@ pub fn gateway(
     // results[target][connections index] = one Wrk per run
     let mut results: Vec<Vec<Vec<Wrk>>> = vec![vec![Vec::new(); CONNECTIONS.len()]; nt];
     // Warm every path (connection pools, nginx workers, page cache) before measuring.
-    for (_, addr, _) in &targets {
-        wrk(&script, *addr, "gw.localhost", 16, 1)?;
+    for (name, addr, _) in &targets {
+        wrk(&script, *addr, "gw.localhost", 16, 1).with_context(|| format!("warming {name}"))?;
     }
     for r in 0..runs {
         for (ci, &c) in CONNECTIONS.iter().enumerate() {
@@ -361,7 +361,8 @@ pub fn gateway(
                 let t = (k + r + ci) % nt;
                 let (cpu_before, cs_before) =
                     (cpu_ns(&targets[t].2), context_switches(&targets[t].2));
-                let mut m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)?;
+                let mut m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)
+                    .with_context(|| format!("{} at {c} connections", targets[t].0))?;
                 let cpu = cpu_ns(&targets[t].2).saturating_sub(cpu_before);
                 let cs = context_switches(&targets[t].2).saturating_sub(cs_before);
                 m.cpu_us_per_request = cpu as f64 / 1e3 / m.requests.max(1.0);
