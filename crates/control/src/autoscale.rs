@@ -228,7 +228,9 @@ pub fn decide(
     let mut desired;
     let mut reason;
     if let Some((since, high)) = st.panic {
-        let w = bound(want_panic).max(high);
+        // Panicking scales by the short window, but never below what the stable window asks:
+        // more load must not get fewer instances because it also tripped the panic threshold.
+        let w = bound(want_panic).max(bound(want_stable)).max(high);
         st.panic = Some((since, w));
         desired = w;
         reason = format!(
