@@ -33,8 +33,11 @@ pub struct TestCluster {
 impl TestCluster {
     pub async fn start() -> Result<TestCluster> {
         // Bridge and subnet unique per cluster, and per process: test binaries of different
-        // checkouts may run side by side on one machine.
-        let n = (std::process::id() % 40) * 6 + NEXT.fetch_add(1, Ordering::SeqCst) % 6 + 1;
+        // checkouts may run side by side on one machine. 16 clusters a process before the
+        // names come round again (the e2e binary starts 7, up to 4 at a time; with 6 a
+        // process, its 7th cluster took the bridge of a 1st still running, and whichever
+        // stopped first deleted the other's bridge: "network bridge fe2e50: entity not found").
+        let n = (std::process::id() % 512) * 16 + NEXT.fetch_add(1, Ordering::SeqCst) % 16;
         let dir = tempfile::tempdir()?;
         let zero: SocketAddr = "127.0.0.1:0".parse()?;
         let args = DaemonArgs {
@@ -44,7 +47,7 @@ impl TestCluster {
             registry_addr: Some(zero),
             node_name: Some(format!("test-node-{n}")),
             bridge: Some(format!("fe2e{n}")),
-            subnet: Some(format!("10.90.{n}.1/24")),
+            subnet: Some(format!("10.{}.{}.1/24", 200 + n / 256, n % 256)),
             ..Default::default()
         };
         TestCluster::start_with(dir, args).await
