@@ -38,8 +38,9 @@ struct Collector {
     next: Mutex<u64>,
 }
 
+/// The agent's collector, started on first use; published only once its thread runs.
 fn collector() -> std::io::Result<&'static Collector> {
-    static C: OnceLock<Collector> = OnceLock::new();
+    static C: OnceLock<&'static Collector> = OnceLock::new();
     static START: Mutex<()> = Mutex::new(());
     if let Some(c) = C.get() {
         return Ok(c);
@@ -53,15 +54,17 @@ fn collector() -> std::io::Result<&'static Collector> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let c = C.get_or_init(|| Collector {
+    // One per process, for the life of the process.
+    let c: &'static Collector = Box::leak(Box::new(Collector {
         // SAFETY: a new descriptor nobody else owns.
         epoll: unsafe { OwnedFd::from_raw_fd(fd) },
         streams: Mutex::new(HashMap::new()),
         next: Mutex::new(0),
-    });
+    }));
     std::thread::Builder::new()
         .name("agent-logs".into())
         .spawn(move || c.run())?;
+    let _ = C.set(c);
     Ok(c)
 }
 
