@@ -2,7 +2,7 @@
 //! instance, and through nginx as a reverse proxy to the same instance, with wrk at fixed
 //! connection counts.
 
-use crate::suites::{Proc, addresses, cpu_ns, ferry_cli, free_port, wait_http};
+use crate::suites::{Proc, addresses, context_switches, cpu_ns, ferry_cli, free_port, wait_http};
 use crate::{Row, ensure_packages, percentile, run, sorted};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
@@ -24,26 +24,6 @@ struct Wrk {
     requests: f64,
     /// CPU time the platform's processes spent during the run, per request (µs).
     cpu_us_per_request: f64,
-}
-
-/// Context switches (voluntary and not) of every thread of `pids` so far.
-fn context_switches(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            total += status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-    }
-    total
 }
 
 /// `parent` and its child processes (nginx's master and workers).
@@ -206,19 +186,10 @@ pub(crate) fn ready_instance(ferry: &Path, api: &str, service: &str) -> Result<S
 /// nginx as a reverse proxy to `upstream`, with upstream keep-alive and the usual forwarding
 /// headers, as its own master with `worker_processes auto` (one per core).
 fn start_nginx(dir: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let d = dir.display();
-    let conf = format!(
-        "user root;
-worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  upstream app {{ server {upstream}; keepalive 64; }}
+    run_nginx(
+        dir,
+        &format!(
+            "  upstream app {{ server {upstream}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{port};
     location / {{
@@ -231,14 +202,29 @@ http {{
       proxy_set_header X-Forwarded-Proto $scheme;
     }}
   }}
-}}
 "
-    );
-    run_nginx(dir, &conf)
+        ),
+    )
 }
 
-/// nginx in the foreground with `conf` written to `dir`/nginx.conf.
-pub(crate) fn run_nginx(dir: &Path, conf: &str) -> Result<Proc> {
+/// nginx in the foreground as its own master (`worker_processes auto`, no access log), its
+/// pid, error log, temporary files and config in `dir`, with `http` inside its `http` block.
+pub(crate) fn run_nginx(dir: &Path, http: &str) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display();
+    let conf = format!(
+        "user root;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+{http}}}
+"
+    );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
     Ok(Proc(

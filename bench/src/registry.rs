@@ -239,34 +239,24 @@ fn start_static_registry(
     manifest_digest: &str,
     manifest_type: &str,
 ) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let d = dir.display();
     let blobs = layout.join("blobs/sha256");
     let b = blobs.display();
     let hex = manifest_digest
         .strip_prefix("sha256:")
         .context("manifest digest is not sha256")?;
-    let conf = format!(
-        "user root;
-worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  sendfile on;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
+    run_nginx(
+        dir,
+        &format!(
+            "  sendfile on;
   server {{
     listen 127.0.0.1:{port};
     location = /v2/ {{ default_type application/json; return 200 '{{}}'; }}
     location ~ ^/v2/floor/manifests/v1$ {{ default_type {manifest_type}; alias {b}/{hex}; }}
     location ~ ^/v2/floor/blobs/sha256:([0-9a-f]+)$ {{ default_type application/octet-stream; alias {b}/$1; }}
   }}
-}}
 "
-    );
-    run_nginx(dir, &conf)
+        ),
+    )
 }
 
 /// A registry that answers the upload protocol and reads every byte of every body but keeps

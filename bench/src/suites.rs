@@ -27,25 +27,45 @@ impl Drop for Proc {
     }
 }
 
-/// On-CPU time of every thread of `pids`, in nanoseconds (the first field of each
-/// /proc/<pid>/task/<tid>/schedstat). Threads that end between two reads drop out, so the
-/// suite reads it only around runs of long-lived processes.
+/// The sum over every thread of `pids` of what `read` makes of the thread's
+/// /proc/<pid>/task/<tid> directory. Threads that end between two reads drop out, so the
+/// suites read it only around runs of long-lived processes.
+fn sum_over_threads(pids: &[u32], read: impl Fn(&Path) -> Option<u64>) -> u64 {
+    pids.iter()
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter_map(|t| read(&t.path()))
+        .sum()
+}
+
+/// On-CPU time of every thread of `pids`, in nanoseconds (the first field of `schedstat`).
 pub(crate) fn cpu_ns(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            {
-                total += ns;
-            }
-        }
-    }
-    total
+    sum_over_threads(pids, |t| {
+        std::fs::read_to_string(t.join("schedstat"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// Context switches, voluntary and not, of every thread of `pids` so far (`status`).
+pub(crate) fn context_switches(pids: &[u32]) -> u64 {
+    sum_over_threads(pids, |t| {
+        let status = std::fs::read_to_string(t.join("status")).ok()?;
+        Some(
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum(),
+        )
+    })
 }
 
 pub(crate) fn free_port() -> Result<u16> {

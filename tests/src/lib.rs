@@ -173,6 +173,17 @@ impl TestCluster {
             .await?)
     }
 
+    /// The text of `GET /v1/services/{service}/logs?{query}`.
+    pub async fn logs(&self, service: &str, query: &str) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/services/{service}/logs?{query}", self.api))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
     /// Instances that are not stopped or failed.
     pub async fn live_instances(&self, service: &str) -> Result<usize> {
         use ferry_api::agent::InstanceState::*;

@@ -276,23 +276,19 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     assert_eq!(c.get("logged", "/env").await?.status(), 200);
     // The agent writes lines to the log within milliseconds of the instance's write
     // (batched; docs/agent.md), so the instance's first line may trail its readiness.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = c
-            .http
-            .get(format!("{}/v1/services/logged/logs", c.api))
-            .send()
-            .await?
-            .text()
-            .await?;
-        if text
-            .lines()
+    let listening = |text: &str| {
+        text.lines()
             .any(|l| l.contains(" stdout ") && l.contains("listening"))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    if let Err(e) = c
+        .wait_for(
+            "the instance's first stdout line",
+            Duration::from_secs(5),
+            || async { Ok(listening(&c.logs("logged", "").await?)) },
+        )
+        .await
+    {
+        anyhow::bail!("{e}; the log:\n{}", c.logs("logged", "").await?);
     }
     // Exec runs inside the instance: a second testapp finds the port taken in its netns.
     let v: Value = c
@@ -403,22 +399,9 @@ async fn sigterm_then_sigkill_after_the_grace() -> Result<()> {
         honouring < Duration::from_millis(3_800),
         "SIGTERM alone ends it; took {honouring:?}"
     );
-    let log = |id: String| {
-        let c = &c;
-        async move {
-            Ok::<_, anyhow::Error>(
-                c.http
-                    .get(format!("{}/v1/services/sig/logs?instance={id}", c.api))
-                    .send()
-                    .await?
-                    .text()
-                    .await?,
-            )
-        }
-    };
-    let l1 = log(first).await?;
+    let l1 = c.logs("sig", &format!("instance={first}")).await?;
     assert!(l1.contains("got SIGTERM (ignored"), "{l1}");
-    let l2 = log(second).await?;
+    let l2 = c.logs("sig", &format!("instance={second}")).await?;
     assert!(l2.contains("got SIGTERM, draining"), "{l2}");
     c.stop().await
 }

@@ -235,14 +235,7 @@ async fn exec_stream(
 
 /// Sets `O_NONBLOCK` on `fd`, as tokio's pipe types require.
 fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on an fd we own, with integer arguments.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    crate::sys::set_nonblocking(fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)
 }
 
 /// Copies what the command writes on `fd` into frames of `channel` until EOF (a pty says EIO

@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ struct Stream {
 struct Collector {
     epoll: OwnedFd,
     streams: Mutex<HashMap<u64, Stream>>,
-    next: Mutex<u64>,
+    next: AtomicU64,
 }
 
 /// The agent's collector, started on first use; published only once its thread runs.
@@ -59,7 +60,7 @@ fn collector() -> std::io::Result<&'static Collector> {
         // SAFETY: a new descriptor nobody else owns.
         epoll: unsafe { OwnedFd::from_raw_fd(fd) },
         streams: Mutex::new(HashMap::new()),
-        next: Mutex::new(0),
+        next: AtomicU64::new(1),
     }));
     std::thread::Builder::new()
         .name("agent-logs".into())
@@ -76,12 +77,8 @@ pub(crate) fn collect(
     log: Arc<Mutex<File>>,
 ) -> std::io::Result<()> {
     let c = collector()?;
-    set_nonblocking(fd.as_raw_fd())?;
-    let key = {
-        let mut n = c.next.lock().unwrap();
-        *n += 1;
-        *n
-    };
+    crate::sys::set_nonblocking(fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
+    let key = c.next.fetch_add(1, Ordering::Relaxed);
     let raw = fd.as_raw_fd();
     c.streams.lock().unwrap().insert(
         key,
@@ -101,16 +98,6 @@ pub(crate) fn collect(
         let e = std::io::Error::last_os_error();
         c.streams.lock().unwrap().remove(&key);
         return Err(e);
-    }
-    Ok(())
-}
-
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on an open descriptor; no pointers.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -245,12 +232,10 @@ fn push_line(out: &mut Vec<u8>, ts: &str, stream: &str, line: &[u8]) {
 mod tests {
     use super::*;
 
+    /// A pipe as the sandbox makes them: (read end, write end).
     fn pipe() -> (OwnedFd, File) {
-        let mut fds = [0; 2];
-        // SAFETY: a 2-int array for pipe2.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both descriptors are new and owned here.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+        let (r, w) = crate::sandbox::pipe().unwrap();
+        (r, File::from(w))
     }
 
     fn wait_for_lines(path: &std::path::Path, n: usize) -> String {

@@ -520,7 +520,7 @@ fn process_plan(
 /// Capacity of an instance's stdout and stderr pipes.
 const LOG_PIPE_BYTES: libc::c_int = 256 << 10;
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a 2-int array for pipe2 to fill.
     let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };

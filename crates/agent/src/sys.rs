@@ -123,6 +123,17 @@ pub fn touch(p: &CStr) -> SysResult {
     Ok(())
 }
 
+/// Sets `O_NONBLOCK` on `fd` (on its open file description: every descriptor of it).
+pub fn set_nonblocking(fd: RawFd) -> SysResult {
+    // SAFETY: fcntl with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(errno());
+    }
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })
+}
+
 pub fn sethostname(name: &CStr) -> SysResult {
     // SAFETY: pointer and length describe `name`'s bytes.
     check(unsafe { libc::sethostname(name.as_ptr(), name.to_bytes().len()) })

@@ -230,8 +230,9 @@ impl Worker {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>) {
         let builder = auto::Builder::new(TokioExecutor::new());
         while let Some((stream, peer)) = rx.recv().await {
+            // The acceptor counted this connection; the count falls when it ends, however.
+            let counted = Counted(self.load.clone());
             let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-                self.load.fetch_sub(1, Ordering::Relaxed);
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -242,13 +243,12 @@ impl Worker {
                 .into_owned();
             let shutdown = self.shutdown.clone();
             let hard_stop = self.shared.hard_stop.clone();
-            let load = self.load.clone();
             self.conns.spawn(async move {
+                let _counted = counted;
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => {
                         if let Err(e) = r { debug!(%peer, error = %e, "connection ended with error"); }
-                        load.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
                     _ = shutdown.cancelled() => {}
@@ -260,9 +260,17 @@ impl Worker {
                     }
                     _ = hard_stop.cancelled() => {}
                 }
-                load.fetch_sub(1, Ordering::Relaxed);
             });
         }
+    }
+}
+
+/// One connection in a gateway thread's count, taken off when dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
