@@ -135,14 +135,19 @@ impl ProxyError {
         )
     }
 
-    /// Renders the JSON envelope.
-    pub fn into_response(self, request_id: &str) -> Response<GatewayBody> {
-        let body = serde_json::json!({
+    /// The JSON envelope.
+    pub fn body(&self, request_id: &str) -> String {
+        serde_json::json!({
             "code": self.code,
             "message": self.message,
             "request_id": request_id,
-        });
-        let mut resp = Response::new(full(Bytes::from(body.to_string())));
+        })
+        .to_string()
+    }
+
+    /// Renders the JSON envelope.
+    pub fn into_response(self, request_id: &str) -> Response<GatewayBody> {
+        let mut resp = Response::new(full(Bytes::from(self.body(request_id))));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         h.insert(

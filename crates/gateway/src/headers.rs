@@ -8,7 +8,8 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-const HOP_BY_HOP: &[&str] = &[
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -79,40 +80,57 @@ fn owned_value(s: String) -> Option<HeaderValue> {
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, host: &str) {
-    let mut xff = String::with_capacity(48);
-    if let Some(prev) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
-        && !prev.trim().is_empty()
-    {
-        xff.push_str(prev);
-        xff.push_str(", ");
-    }
-    let _ = write!(xff, "{client}");
-    if let Some(v) = owned_value(xff) {
+    let prev = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+    if let Some(v) = owned_value(forwarded_for(prev, &client.to_string())) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Ok(v) = HeaderValue::from_str(host) {
         headers.insert(X_FORWARDED_HOST, v);
     }
+    let prev = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok());
+    if let Some(v) = owned_value(forwarded(prev, &forwarded_node(client), host)) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// `X-Forwarded-For` with `client` (an address as text) appended to the value received.
+pub fn forwarded_for(prev: Option<&str>, client: &str) -> String {
+    let mut xff = String::with_capacity(48);
+    if let Some(prev) = prev
+        && !prev.trim().is_empty()
+    {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    xff.push_str(client);
+    xff
+}
+
+/// The client as a `Forwarded` node (`for=`), IPv6 quoted and bracketed (RFC 7239).
+pub fn forwarded_node(client: IpAddr) -> String {
+    match client {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    }
+}
+
+/// `Forwarded` with this hop (`node` from [`forwarded_node`]) appended to the value received.
+pub fn forwarded(prev: Option<&str>, node: &str, host: &str) -> String {
     let mut fwd = String::with_capacity(64 + host.len());
-    if let Some(prev) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok())
+    if let Some(prev) = prev
         && !prev.trim().is_empty()
     {
         fwd.push_str(prev);
         fwd.push_str(", ");
     }
-    let _ = match client {
-        IpAddr::V4(ip) => write!(fwd, "for={ip}"),
-        IpAddr::V6(ip) => write!(fwd, "for=\"[{ip}]\""),
-    };
+    fwd.push_str(node);
     if host.contains(':') || host.is_empty() {
         let _ = write!(fwd, ";host=\"{host}\";proto=http");
     } else {
         let _ = write!(fwd, ";host={host};proto=http");
     }
-    if let Some(v) = owned_value(fwd) {
-        headers.insert(header::FORWARDED, v);
-    }
+    fwd
 }
 
 /// A valid W3C `traceparent`: version 00, 32 hex trace id, 16 hex parent id, 2 hex flags,
@@ -143,31 +161,37 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) {
         .is_some_and(valid_traceparent);
     if !ok {
         headers.remove(&TRACESTATE);
-        let tp = format!(
-            "00-{:032x}-{:016x}-01",
-            rand::random::<u128>() | 1,
-            rand::random::<u64>() | 1
-        );
         headers.insert(
             TRACEPARENT,
-            owned_value(tp).expect("hex is a valid header value"),
+            owned_value(new_traceparent()).expect("hex is a valid header value"),
         );
     }
+}
+
+/// A new sampled W3C trace context, to start a trace.
+pub fn new_traceparent() -> String {
+    format!(
+        "00-{:032x}-{:016x}-01",
+        rand::random::<u128>() | 1,
+        rand::random::<u64>() | 1
+    )
 }
 
 /// The client's `x-request-id` when sane, else a new one; stored back into `headers`.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID)
-        && let Ok(id) = v.to_str()
-        && !id.is_empty()
-        && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_graphic())
+        && usable_request_id(v.as_bytes())
     {
         return v.clone();
     }
     let v = owned_value(new_request_id()).expect("hex is a valid header value");
     headers.insert(X_REQUEST_ID, v.clone());
     v
+}
+
+/// A client's request id is kept when it is 1–128 visible ASCII characters.
+pub fn usable_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_graphic())
 }
 
 pub fn new_request_id() -> String {

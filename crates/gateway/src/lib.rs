@@ -11,6 +11,7 @@
 
 mod body;
 mod error;
+mod h1;
 mod headers;
 mod pool;
 mod proxy;
@@ -237,14 +238,22 @@ impl Worker {
             };
             let _ = stream.set_nodelay(true);
             let (shared, pool) = (self.shared.clone(), self.pool.clone());
-            let svc = service_fn(move |req| proxy::handle(shared.clone(), pool.clone(), peer, req));
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
             let shutdown = self.shutdown.clone();
-            let hard_stop = self.shared.hard_stop.clone();
+            let builder = builder.clone();
             self.conns.spawn(async move {
                 let _counted = counted;
+                let hard_stop = shared.hard_stop.clone();
+                // The gateway's own HTTP/1.1 path first; hyper takes over if a request needs it.
+                let io = tokio::select! {
+                    biased;
+                    served = h1::serve(&shared, &pool, stream, peer, &shutdown) => match served {
+                        h1::Served::Closed => return,
+                        h1::Served::Handoff(io) => io,
+                    },
+                    _ = hard_stop.cancelled() => return,
+                };
+                let svc = service_fn(move |req| proxy::handle(shared.clone(), pool.clone(), peer, req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => {

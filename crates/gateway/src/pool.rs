@@ -23,6 +23,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use crate::body::GatewayBody;
 
@@ -70,11 +71,62 @@ impl Pooled {
 }
 
 /// Idle connections per instance address, each with the time it became idle.
-type Idle = HashMap<SocketAddr, Vec<(Instant, Pooled)>>;
+struct Idle<C> {
+    map: Mutex<HashMap<SocketAddr, Vec<(Instant, C)>>>,
+}
 
+impl<C> Default for Idle<C> {
+    fn default() -> Self {
+        Idle {
+            map: Mutex::default(),
+        }
+    }
+}
+
+impl<C> Idle<C> {
+    /// The most recently idled connection to `addr` that is still `usable` and not too old;
+    /// the others met on the way are dropped (closed).
+    fn take(&self, addr: SocketAddr, usable: impl Fn(&mut C) -> bool) -> Option<C> {
+        let mut idle = self.map.lock().unwrap();
+        let list = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        let mut found = None;
+        while let Some((since, mut c)) = list.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && usable(&mut c) {
+                found = Some(c);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.remove(&addr);
+        }
+        found
+    }
+
+    fn put(&self, addr: SocketAddr, c: C, usable: impl Fn(&mut C) -> bool) {
+        let mut idle = self.map.lock().unwrap();
+        let list = idle.entry(addr).or_default();
+        list.retain_mut(|(_, c)| usable(c));
+        if list.len() < MAX_IDLE_PER_ADDR {
+            list.push((Instant::now(), c));
+        }
+    }
+
+    fn sweep(&self, now: Instant) {
+        let mut idle = self.map.lock().unwrap();
+        idle.retain(|_, list| {
+            list.retain(|(since, _)| now.duration_since(*since) < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+    }
+}
+
+/// One gateway thread's connections to instances: hyper's (for requests hyper serves) and
+/// plain sockets (for the gateway's own HTTP/1.1 path, [`crate::h1`]).
 #[derive(Clone)]
 pub struct Pool {
-    idle: Arc<Mutex<Idle>>,
+    idle: Arc<Idle<Pooled>>,
+    raw: Arc<Idle<TcpStream>>,
     connect_timeout: Duration,
 }
 
@@ -95,6 +147,15 @@ pub enum SendError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// Reading or writing a plain connection failed.
+    #[error("HTTP/1.1 to {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The instance's answer is not HTTP/1.1 the gateway can forward.
+    #[error("HTTP/1.1 to {addr}: {message}")]
+    Protocol { addr: SocketAddr, message: String },
 }
 
 impl SendError {
@@ -151,6 +212,7 @@ impl Pool {
     pub fn new(connect_timeout: Duration) -> Pool {
         Pool {
             idle: Arc::default(),
+            raw: Arc::default(),
             connect_timeout,
         }
     }
@@ -218,32 +280,23 @@ impl Pool {
     }
 
     fn take(&self, addr: SocketAddr) -> Option<Pooled> {
-        let mut idle = self.idle.lock().unwrap();
-        let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
-        let mut found = None;
-        while let Some((since, p)) = list.pop() {
-            if !p.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
-                found = Some(p);
-                break;
-            }
-        }
-        if list.is_empty() {
-            idle.remove(&addr);
-        }
-        found
+        self.idle.take(addr, |p| !p.is_closed())
     }
 
     fn put(&self, addr: SocketAddr, p: Pooled) {
-        if p.is_closed() {
-            return;
+        if !p.is_closed() {
+            self.idle.put(addr, p, |p| !p.is_closed());
         }
-        let mut idle = self.idle.lock().unwrap();
-        let list = idle.entry(addr).or_default();
-        list.retain(|(_, p)| !p.is_closed());
-        if list.len() < MAX_IDLE_PER_ADDR {
-            list.push((Instant::now(), p));
-        }
+    }
+
+    /// An idle plain connection to `addr` the instance has not closed, if there is one.
+    pub fn take_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
+        self.raw.take(addr, |s| idle_socket_open(s))
+    }
+
+    /// A plain connection whose last response was read to its end, for the next request.
+    pub fn put_raw(&self, addr: SocketAddr, s: TcpStream) {
+        self.raw.put(addr, s, |s| idle_socket_open(s));
     }
 
     /// Closes idle connections older than [`IDLE_TIMEOUT`]. Nothing polls an idle
@@ -251,15 +304,13 @@ impl Pool {
     /// side until this or its next lease; the gateway calls it every stats interval.
     pub fn sweep(&self) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap();
-        idle.retain(|_, list| {
-            list.retain(|(since, _)| now.duration_since(*since) < IDLE_TIMEOUT);
-            !list.is_empty()
-        });
+        self.idle.sweep(now);
+        self.raw.sweep(now);
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Pooled, SendError> {
-        let connect = tokio::net::TcpStream::connect(addr);
+    /// A new TCP connection to `addr` (no delay), within the connect timeout.
+    pub async fn connect_raw(&self, addr: SocketAddr) -> Result<TcpStream, SendError> {
+        let connect = TcpStream::connect(addr);
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
@@ -274,6 +325,11 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Pooled, SendError> {
+        let stream = self.connect_raw(addr).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| SendError::Http { addr, source })?;
@@ -282,6 +338,19 @@ impl Pool {
             conn: Some(Box::pin(conn.with_upgrades())),
         })
     }
+}
+
+/// Whether an idle connection is still open: an idle connection has nothing to read, so a
+/// socket the event loop saw become readable was closed by the instance (or sent garbage).
+/// Readiness is only a hint (it may be left over from the last response), so a ready
+/// socket is asked once without blocking.
+fn idle_socket_open(s: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    if s.poll_read_ready(&mut cx).is_pending() {
+        return true;
+    }
+    let mut probe = [0u8; 1];
+    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 #[cfg(test)]

@@ -166,20 +166,9 @@ async fn proxy(
     let start = Instant::now();
     let host_value = request_host(&req).unwrap_or_else(|| HeaderValue::from_static(""));
     let host = host_value.to_str().unwrap_or_default();
-    let service = routing::service_from_host(host, &shared.config.domain)
-        .ok_or_else(|| ProxyError::service_not_found(host))?;
-    let svc = shared
-        .index
-        .borrow()
-        .get(service.as_ref())
-        .cloned()
-        .ok_or_else(|| ProxyError::service_not_found(host))?;
-    let total = routing::traffic_total(&svc.traffic);
-    let revision = routing::pick_revision(&svc.traffic, rand::random_range(0..total.max(1)))
-        .ok_or_else(|| ProxyError::no_revision(&service, "no revision receives traffic"))?
-        .to_string();
+    let (svc, rev) = target(shared, host)?;
+    let revision = rev.revision.clone();
     let route = revision_of(&svc, &revision)?;
-    let rev = shared.revs.get(&service, &revision);
     rev.record_request();
 
     if route.max_body_bytes > 0
@@ -193,12 +182,7 @@ async fn proxy(
         return Err(ProxyError::body_too_large(route.max_body_bytes));
     }
 
-    let timeout_ms = route.request_timeout_ms;
-    let timeout = if timeout_ms == 0 {
-        DEFAULT_TIMEOUT
-    } else {
-        Duration::from_millis(timeout_ms)
-    };
+    let timeout = request_timeout(route);
     let deadline = tokio::time::Instant::from_std(start) + timeout;
 
     let (guard, endpoint, svc) = hold(shared, &rev, svc, deadline).await?;
@@ -348,7 +332,38 @@ impl Upstream {
     }
 }
 
-fn revision_of<'a>(svc: &'a ServiceRoute, name: &str) -> Result<&'a RevisionRoute, ProxyError> {
+/// The service `host` names and the revision this request goes to (a weighted pick).
+pub(crate) fn target(
+    shared: &Shared,
+    host: &str,
+) -> Result<(Arc<ServiceRoute>, Arc<RevState>), ProxyError> {
+    let service = routing::service_from_host(host, &shared.config.domain)
+        .ok_or_else(|| ProxyError::service_not_found(host))?;
+    let svc = shared
+        .index
+        .borrow()
+        .get(service.as_ref())
+        .cloned()
+        .ok_or_else(|| ProxyError::service_not_found(host))?;
+    let total = routing::traffic_total(&svc.traffic);
+    let revision = routing::pick_revision(&svc.traffic, rand::random_range(0..total.max(1)))
+        .ok_or_else(|| ProxyError::no_revision(&service, "no revision receives traffic"))?;
+    let rev = shared.revs.get(&service, revision);
+    Ok((svc, rev))
+}
+
+/// How long a request may wait for an instance and its response headers.
+pub(crate) fn request_timeout(route: &RevisionRoute) -> Duration {
+    match route.request_timeout_ms {
+        0 => DEFAULT_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+pub(crate) fn revision_of<'a>(
+    svc: &'a ServiceRoute,
+    name: &str,
+) -> Result<&'a RevisionRoute, ProxyError> {
     revision(svc, name).ok_or_else(|| {
         ProxyError::no_revision(&svc.service, format!("revision {name:?} is not routable"))
     })
@@ -406,7 +421,7 @@ fn build_upstream(
 /// Waits for a slot on an instance of the revision: at once when one has room (and nobody is
 /// held before it), else in the hold queue until the route table or a finished request frees
 /// one, or the deadline. Returns the service route the slot was taken under.
-async fn hold(
+pub(crate) async fn hold(
     shared: &Shared,
     rev: &Arc<RevState>,
     mut svc: Arc<ServiceRoute>,

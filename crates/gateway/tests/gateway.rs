@@ -766,3 +766,271 @@ async fn a_client_that_gives_up_leaves_the_queue() -> Result<()> {
     held.abort();
     Ok(())
 }
+
+// ---------- raw HTTP/1.1, for what a client library hides ----------
+
+/// One response read off a raw connection: status, headers (lower-case names), body. Bodies
+/// are framed by Content-Length, chunked, or (`until_close`) by the end of the connection.
+async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    head_request: bool,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .with_context(|| format!("status line {line:?}"))?
+        .parse()?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).await?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (n, v) = l.split_once(':').context("header line")?;
+        headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let h = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if head_request || status == 204 || status == 304 {
+    } else if h("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            line.clear();
+            r.read_line(&mut line).await?;
+            let size = line.trim_end().split(';').next().unwrap_or_default();
+            let n = usize::from_str_radix(size, 16)?;
+            if n == 0 {
+                // Trailers, up to the blank line.
+                loop {
+                    line.clear();
+                    r.read_line(&mut line).await?;
+                    if line.trim_end().is_empty() {
+                        break;
+                    }
+                    let (n, v) = line.trim_end().split_once(':').context("trailer line")?;
+                    headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+                }
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).await?;
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = h("content-length") {
+        body.resize(n.parse()?, 0);
+        r.read_exact(&mut body).await?;
+    } else {
+        r.read_to_end(&mut body).await?;
+    }
+    Ok((status, headers, body))
+}
+
+/// An instance written by hand: for each request (head only), `answer` returns the bytes to
+/// send and whether to close the connection after them.
+async fn raw_instance(name: &str, answer: fn(&str) -> (String, bool)) -> Endpoint {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let (out, close) = answer(&head);
+                    if s.write_all(out.as_bytes()).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Endpoint {
+        instance_id: name.to_string(),
+        address,
+    }
+}
+
+fn raw_rev(ep: Endpoint) -> RevisionRoute {
+    let mut r = rev("r1", &[]);
+    r.instances = vec![ep];
+    r
+}
+
+/// Requests sent back to back on one connection are answered in order, also when one in the
+/// middle needs hyper (a chunked body): the gateway's own path hands the connection over with
+/// the bytes it has read, and hyper answers the rest.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_across_the_handoff() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let a = instance("a").await;
+    let gw = Gw::start(table(vec![one("alpha", rev("r1", &[&a]))])).await;
+    let host = gw.host("alpha");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await?;
+    let requests = format!(
+        "GET /one HTTP/1.1\r\nHost: {host}\r\n\r\n\
+         HEAD /head HTTP/1.1\r\nHost: {host}\r\n\r\n\
+         POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\nabc\
+         POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwxyz\r\n0\r\n\r\n\
+         GET /two HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(requests.as_bytes()).await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let (status, _, body) = read_response(&mut r, false).await?;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&body)?["path"], "/one");
+    let (status, headers, body) = read_response(&mut r, true).await?;
+    assert_eq!(status, 200);
+    assert!(body.is_empty());
+    assert!(
+        headers.iter().any(|(n, _)| n == "x-request-id"),
+        "{headers:?}"
+    );
+    let (status, _, body) = read_response(&mut r, false).await?;
+    assert_eq!((status, body), (200, b"3".to_vec()));
+    let (status, _, body) = read_response(&mut r, false).await?;
+    assert_eq!((status, body), (200, b"4".to_vec()));
+    let (status, _, body) = read_response(&mut r, false).await?;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&body)?["path"], "/two");
+    // Connection: close was honoured.
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut r, &mut rest).await?;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    Ok(())
+}
+
+/// HTTP/1.0 clients are served (by hyper); an instance's response without a length is
+/// forwarded until the instance closes, and the client's connection is closed after it.
+#[tokio::test]
+async fn http_1_0_clients_and_responses_delimited_by_close() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = instance("a").await;
+    let until_close = raw_instance("raw", |_| {
+        ("HTTP/1.1 200 OK\r\nX-App: 1\r\n\r\nall of it".into(), true)
+    })
+    .await;
+    let gw = Gw::start(table(vec![
+        one("alpha", rev("r1", &[&a])),
+        one("raw", raw_rev(until_close)),
+    ]))
+    .await;
+
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await?;
+    let host = gw.host("alpha");
+    s.write_all(format!("GET /old HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await??;
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(text.contains("\"/old\""), "{text}");
+
+    let s = tokio::net::TcpStream::connect(gw.addr).await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let host = gw.host("raw");
+    r.get_mut()
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let (status, headers, body) =
+        tokio::time::timeout(Duration::from_secs(5), read_response(&mut r, false)).await??;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"all of it");
+    assert!(
+        headers.contains(&("connection".into(), "close".into())),
+        "{headers:?}"
+    );
+    assert!(
+        headers.contains(&("x-app".into(), "1".into())),
+        "{headers:?}"
+    );
+    Ok(())
+}
+
+/// An instance that closes each connection after answering, without saying so: the
+/// gateway's idle connections to it are found closed and replaced, and no request fails.
+#[tokio::test]
+async fn connections_the_instance_closed_are_replaced() -> Result<()> {
+    let closing = raw_instance("closing", |_| {
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into(),
+            true,
+        )
+    })
+    .await;
+    let gw = Gw::start(table(vec![one("closing", raw_rev(closing))])).await;
+    for i in 0..30 {
+        let r = gw.get("closing", "/").send().await?;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await?, "ok");
+        if i % 3 == 0 {
+            // Long enough for the close to be seen before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Chunked responses with trailers and informational responses before the final one.
+#[tokio::test]
+async fn chunked_trailers_and_informational_responses_pass() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let chunked = raw_instance("chunked", |head| {
+        let out = if head.starts_with("GET /hints") {
+            "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+             HTTP/1.1 204 No Content\r\nX-After: hints\r\n\r\n"
+        } else {
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n\
+             5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
+        };
+        (out.into(), false)
+    })
+    .await;
+    let gw = Gw::start(table(vec![one("c", raw_rev(chunked))])).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await?;
+    let host = gw.host("c");
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\nGET /hints HTTP/1.1\r\nHost: {host}\r\n\r\nGET / HTTP/1.1\r\nHost: {host}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let (status, headers, body) = read_response(&mut r, false).await?;
+    assert_eq!((status, body.as_slice()), (200, &b"hello world"[..]));
+    assert!(
+        headers.contains(&("transfer-encoding".into(), "chunked".into())),
+        "{headers:?}"
+    );
+    assert!(
+        headers.contains(&("x-sum".into(), "11".into())),
+        "trailer: {headers:?}"
+    );
+    let (status, headers, _) = read_response(&mut r, false).await?;
+    assert_eq!(status, 204);
+    assert!(
+        headers.contains(&("x-after".into(), "hints".into())),
+        "{headers:?}"
+    );
+    let (status, _, body) = read_response(&mut r, false).await?;
+    assert_eq!((status, body.as_slice()), (200, &b"hello world"[..]));
+    Ok(())
+}
