@@ -1178,6 +1178,28 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever arrives from a client or an instance, parsing answers (no panic), and a
+        /// request it takes has a head that ends where the parser said.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            prefix in prop::sample::select(vec![
+                "", "GET / HTTP/1.1\r\nHost: a\r\n", "HTTP/1.1 200 OK\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: ",
+            ]),
+            tail in prop::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut b = prefix.as_bytes().to_vec();
+            b.extend_from_slice(&tail);
+            if let Parse::Request(r) = parse_request(&b, &client()) {
+                prop_assert!(r.head_len <= b.len());
+                prop_assert!(r.body_len <= MAX_BODY);
+                prop_assert!(r.upstream.ends_with(b"\r\n\r\n"));
+            }
+            let req = request("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            let _ = parse_response(&b, &req);
+            let _ = Chunked::default().advance(&b);
+        }
+
         /// However the bytes arrive, the end is found exactly and the data counted, and bytes
         /// after the end (a next response) are left alone.
         #[test]
