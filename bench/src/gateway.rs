@@ -2,7 +2,9 @@
 //! instance, and through nginx as a reverse proxy to the same instance, with wrk at fixed
 //! connection counts.
 
-use crate::suites::{Proc, addresses, context_switches, cpu_ns, ferry_cli, free_port, wait_http};
+use crate::suites::{
+    Proc, addresses, context_switches, cpu_ns, ferry_cli, free_port, user_cpu_ns, wait_http,
+};
 use crate::{Row, ensure_packages, percentile, run, sorted};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
@@ -24,6 +26,8 @@ struct Wrk {
     requests: f64,
     /// CPU time the platform's processes spent during the run, per request (µs).
     cpu_us_per_request: f64,
+    /// Of it, in user space (µs; the rest is the kernel's).
+    user_us_per_request: f64,
 }
 
 /// `parent` and its child processes (nginx's master and workers).
@@ -88,6 +92,7 @@ fn wrk(script: &Path, target: SocketAddr, host: &str, conns: u32, secs: u32) -> 
         p99_ms: f[3] / 1000.0,
         requests: f[0],
         cpu_us_per_request: f64::NAN,
+        user_us_per_request: f64::NAN,
     })
 }
 
@@ -345,20 +350,25 @@ pub fn gateway(
             // Rotate which target goes first, so none always follows the same one.
             for k in 0..nt {
                 let t = (k + r + ci) % nt;
-                let (cpu_before, cs_before) =
-                    (cpu_ns(&targets[t].2), context_switches(&targets[t].2));
+                let pids = &targets[t].2;
+                let (cpu_before, user_before, cs_before) =
+                    (cpu_ns(pids), user_cpu_ns(pids), context_switches(pids));
                 let mut m = wrk(&script, targets[t].1, "gw.localhost", c, SECONDS)
                     .with_context(|| format!("{} at {c} connections", targets[t].0))?;
-                let cpu = cpu_ns(&targets[t].2).saturating_sub(cpu_before);
-                let cs = context_switches(&targets[t].2).saturating_sub(cs_before);
+                let pids = &targets[t].2;
+                let cpu = cpu_ns(pids).saturating_sub(cpu_before);
+                let user = user_cpu_ns(pids).saturating_sub(user_before);
+                let cs = context_switches(pids).saturating_sub(cs_before);
                 m.cpu_us_per_request = cpu as f64 / 1e3 / m.requests.max(1.0);
+                m.user_us_per_request = user as f64 / 1e3 / m.requests.max(1.0);
                 eprintln!(
-                    "gateway run {r}: {} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} µs CPU and {:.2} context switches a request",
+                    "gateway run {r}: {} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} µs CPU ({:.1} in user space) and {:.2} context switches a request",
                     targets[t].0,
                     m.rps,
                     m.p50_ms,
                     m.p99_ms,
                     m.cpu_us_per_request,
+                    m.user_us_per_request,
                     cs as f64 / m.requests.max(1.0)
                 );
                 results[t][ci].push(m);
@@ -409,6 +419,7 @@ pub fn gateway(
         }
     }
     let cpu = |w: &Wrk| w.cpu_us_per_request;
+    let user = |w: &Wrk| w.user_us_per_request;
     for (ci, &c) in CONNECTIONS.iter().enumerate().skip(1) {
         rows.push(Row {
             metric: format!("platform CPU per request, {c} connections"),
@@ -416,6 +427,14 @@ pub fn gateway(
             ferry: med(gw, ci, cpu),
             peer_name: nginx_name.clone(),
             peer: Some(med(ngx, ci, cpu)),
+            goal: None,
+        });
+        rows.push(Row {
+            metric: format!("of it in user space, {c} connections"),
+            unit: "µs".into(),
+            ferry: med(gw, ci, user),
+            peer_name: nginx_name.clone(),
+            peer: Some(med(ngx, ci, user)),
             goal: None,
         });
         rows.push(Row {
@@ -454,6 +473,23 @@ pub fn gateway(
                     goal: None,
                 });
             }
+            if ci > 0 {
+                for (what, f) in [
+                    ("platform CPU per request", cpu as fn(&Wrk) -> f64),
+                    ("of it in user space", user),
+                ] {
+                    rows.push(Row {
+                        metric: format!(
+                            "{what}, {c} connections: this build vs the baseline build"
+                        ),
+                        unit: "µs".into(),
+                        ferry: med(gw, ci, f),
+                        peer_name: name.clone(),
+                        peer: Some(med(bl, ci, f)),
+                        goal: None,
+                    });
+                }
+            }
             rows.push(Row {
                 metric: format!("baseline build: throughput, {c} connections"),
                 unit: "req/s".into(),
@@ -469,7 +505,7 @@ pub fn gateway(
     }
     Ok((
         format!(
-            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to one instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance. Platform CPU per request is the on-CPU time (/proc/<pid>/task/*/schedstat) of the proxy's processes during a run over the requests it served; the `ferry server` process counts on every path, because it pumps the instance's log line of each request whichever path the request took (the direct row is that share alone).{}",
+            "`ferry server` (release build) on loopback runs one instance of the static testapp (1 vCPU, 256 MiB, no concurrency limit, min = max = 1). wrk (1 thread, keep-alive, `GET /`, {SECONDS} s per run) at {CONNECTIONS:?} connections against three paths to one instance: Ferry's gateway (`Host: gw.localhost`), the instance's own address, and {} as a reverse proxy (`worker_processes auto`, upstream keep-alive 64, X-Forwarded-* headers, no access log). {runs} runs; in each, the order of the three paths rotates; medians over runs of wrk's p50, p99 and requests per second. Everything shares the 2 cores: the client, the proxy and the instance. Platform CPU per request is the on-CPU time (/proc/<pid>/task/*/schedstat) of the proxy's processes during a run over the requests it served; the `ferry server` process counts on every path, because it pumps the instance's log line of each request whichever path the request took (the direct row is that share alone); its user-space part is the threads' `utime` (/proc/<pid>/task/*/stat, 10 ms ticks).{}",
             nginx_name.as_deref().unwrap_or("nginx"),
             baseline.map_or(String::new(), |b| format!(" A second `ferry server` built from an earlier tree ({}) runs beside it with its own identical instance; its gateway is a fourth path in the same rotation (the baseline rows).", b.display()))
         ),

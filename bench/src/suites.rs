@@ -54,6 +54,19 @@ pub(crate) fn cpu_ns(pids: &[u32]) -> u64 {
     })
 }
 
+/// User-space CPU time of every thread of `pids`, in nanoseconds (`utime` of each thread's
+/// `stat`, in clock ticks of 10 ms: USER_HZ is 100 on Linux x86).
+pub(crate) fn user_cpu_ns(pids: &[u32]) -> u64 {
+    sum_over_threads(pids, |t| {
+        let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+        // Fields after the command name (which may hold spaces) in parentheses; utime is
+        // the 14th field of the line, the 12th after it.
+        let after = &stat[stat.rfind(')')? + 1..];
+        let ticks: u64 = after.split_whitespace().nth(11)?.parse().ok()?;
+        Some(ticks * 10_000_000)
+    })
+}
+
 /// Context switches, voluntary and not, of every thread of `pids` so far (`status`).
 pub(crate) fn context_switches(pids: &[u32]) -> u64 {
     sum_over_threads(pids, |t| {
