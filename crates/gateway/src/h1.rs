@@ -81,7 +81,10 @@ pub(crate) async fn serve(
         node: headers::forwarded_node(ip),
     };
     let mut buf = BytesMut::with_capacity(CLIENT_BUF);
+    let mut timer = std::pin::pin!(tokio::time::sleep(shared.config.client_timeout));
     loop {
+        // Ready for a request: it has the client timeout to arrive whole.
+        restart(&mut timer, shared);
         let req = loop {
             match parse_request(&buf, &client) {
                 Parse::Request(r) => break r,
@@ -96,14 +99,11 @@ pub(crate) async fn serve(
                 return Served::Closed;
             }
             reserve(&mut buf, CLIENT_BUF);
-            let read = if idle {
-                tokio::select! {
-                    biased;
-                    r = stream.read_buf(&mut buf) => r,
-                    _ = shutdown.cancelled() => return Served::Closed,
-                }
-            } else {
-                stream.read_buf(&mut buf).await
+            let read = tokio::select! {
+                biased;
+                r = stream.read_buf(&mut buf) => r,
+                _ = shutdown.cancelled(), if idle => return Served::Closed,
+                _ = timer.as_mut() => return timed_out(peer, idle),
             };
             if !matches!(read, Ok(n) if n > 0) {
                 return Served::Closed;
@@ -113,14 +113,62 @@ pub(crate) async fn serve(
         while buf.len() < req.head_len + req.body_len {
             let missing = req.head_len + req.body_len - buf.len();
             reserve(&mut buf, missing);
-            if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
+            let read = tokio::select! {
+                biased;
+                r = stream.read_buf(&mut buf) => r,
+                _ = timer.as_mut() => return timed_out(peer, false),
+            };
+            if !matches!(read, Ok(n) if n > 0) {
                 return Served::Closed;
             }
         }
-        match exchange(shared, pool, &mut stream, &mut buf, &req, shutdown).await {
+        let client = Conn {
+            stream: &mut stream,
+            timer: timer.as_mut(),
+            shared,
+        };
+        match exchange(client, pool, &mut buf, &req, shutdown).await {
             Next::KeepAlive => {}
             Next::Close => return Served::Closed,
             Next::Handoff => return Served::Handoff(Prefixed::new(buf, stream)),
+        }
+    }
+}
+
+fn timed_out(peer: SocketAddr, idle: bool) -> Served {
+    let what = if idle {
+        "idle"
+    } else {
+        "sent part of a request"
+    };
+    debug!(%peer, "client connection closed: {what} for the client timeout");
+    Served::Closed
+}
+
+/// The client timeout counts from now.
+fn restart(timer: &mut Pin<&mut tokio::time::Sleep>, shared: &Shared) {
+    let at = tokio::time::Instant::now() + shared.config.client_timeout;
+    timer.as_mut().reset(at);
+}
+
+/// The client's side of an exchange: its socket, and the timer its writes run under.
+struct Conn<'a> {
+    stream: &'a mut TcpStream,
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    shared: &'a Shared,
+}
+
+impl Conn<'_> {
+    /// Writes `a` then `b`; fails when the client takes none of it for the client timeout.
+    async fn write(&mut self, a: &[u8], b: &[u8]) -> io::Result<()> {
+        restart(&mut self.timer, self.shared);
+        tokio::select! {
+            biased;
+            r = write_two(self.stream, a, b) => r,
+            _ = self.timer.as_mut() => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for the client timeout",
+            )),
         }
     }
 }
@@ -144,26 +192,26 @@ enum Next {
 /// One request whose head and body are at the start of `buf`: routed, admitted, sent to an
 /// instance, and its response forwarded; the request is taken off `buf` unless handed off.
 async fn exchange(
-    shared: &Shared,
+    mut client: Conn<'_>,
     pool: &Pool,
-    stream: &mut TcpStream,
     buf: &mut BytesMut,
     req: &Req,
     shutdown: &CancellationToken,
 ) -> Next {
+    let shared = client.shared;
     let start = Instant::now();
     let (svc, rev) = match proxy::target(shared, &req.host) {
         Ok(t) => t,
         Err(e) => {
             buf.advance(req.head_len + req.body_len);
-            return Answer(e).send(stream, req).await;
+            return Answer(e).send(&mut client, req).await;
         }
     };
     let route = match proxy::revision_of(&svc, &rev.revision) {
         Ok(r) => r,
         Err(e) => {
             buf.advance(req.head_len + req.body_len);
-            return Answer(e).send(stream, req).await;
+            return Answer(e).send(&mut client, req).await;
         }
     };
     if route.h2c {
@@ -174,7 +222,7 @@ async fn exchange(
     rev.record_request();
     if route.max_body_bytes > 0 && req.body_len as u64 > route.max_body_bytes {
         return Answer(ProxyError::body_too_large(route.max_body_bytes))
-            .send(stream, req)
+            .send(&mut client, req)
             .await;
     }
     let timeout = proxy::request_timeout(route);
@@ -183,11 +231,11 @@ async fn exchange(
     let held = tokio::select! {
         biased;
         r = proxy::hold(shared, &rev, svc, deadline) => r,
-        _ = client_gone(stream, buf) => return Next::Close,
+        _ = client_gone(client.stream, buf) => return Next::Close,
     };
     let (mut guard, mut endpoint, svc) = match held {
         Ok(h) => h,
-        Err(e) => return Answer(e).send(stream, req).await,
+        Err(e) => return Answer(e).send(&mut client, req).await,
     };
     // A connect failure is retried once on another instance when the request has no body.
     let retry_possible = req.body_len == 0
@@ -198,7 +246,7 @@ async fn exchange(
         let sent = tokio::select! {
             biased;
             r = tokio::time::timeout_at(deadline, send(pool, endpoint.address, req, &body, &mut ubuf)) => r,
-            _ = client_gone(stream, buf) => return Next::Close,
+            _ = client_gone(client.stream, buf) => return Next::Close,
         };
         match sent {
             Ok(Ok(r)) => break r,
@@ -219,7 +267,7 @@ async fn exchange(
                 }
                 warn!(request_id = %req.request_id, instance = %endpoint.instance_id, error = %crate::error::chain(&e), "upstream request failed");
                 return Answer(ProxyError::upstream_unreachable(&endpoint.instance_id, &e))
-                    .send(stream, req)
+                    .send(&mut client, req)
                     .await;
             }
             Err(_) => {
@@ -227,7 +275,7 @@ async fn exchange(
                     &endpoint.instance_id,
                     timeout.as_millis() as u64,
                 ))
-                .send(stream, req)
+                .send(&mut client, req)
                 .await;
             }
         }
@@ -243,7 +291,7 @@ async fn exchange(
                 endpoint.instance_id
             ),
         ))
-        .send(stream, req)
+        .send(&mut client, req)
         .await;
     }
 
@@ -272,8 +320,8 @@ async fn exchange(
         };
         egress += data;
         let wrote = match first.take() {
-            Some(h) => write_two(stream, &h, &ubuf[..take]).await,
-            None if take > 0 => stream.write_all(&ubuf[..take]).await,
+            Some(h) => client.write(&h, &ubuf[..take]).await,
+            None if take > 0 => client.write(&ubuf[..take], &[]).await,
             None => Ok(()),
         };
         ubuf.advance(take);
@@ -424,7 +472,7 @@ async fn write_two(s: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
 struct Answer(ProxyError);
 
 impl Answer {
-    async fn send(self, stream: &mut TcpStream, req: &Req) -> Next {
+    async fn send(self, client: &mut Conn<'_>, req: &Req) -> Next {
         let e = self.0;
         debug!(request_id = %req.request_id, status = e.status.as_u16(), code = e.code, source = e.origin.as_str(), message = %e.message, "answered by gateway");
         let body = e.body(&req.request_id);
@@ -450,7 +498,7 @@ impl Answer {
         if !req.is_head {
             out.extend_from_slice(body.as_bytes());
         }
-        match stream.write_all(&out).await {
+        match client.write(&out, &[]).await {
             Ok(()) if !req.close => Next::KeepAlive,
             _ => Next::Close,
         }

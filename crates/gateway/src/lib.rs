@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_api::gateway::{GatewayEvent, RouteTable};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,10 @@ pub struct Config {
     pub domain: String,
     /// How often [`GatewayEvent::Stats`] is sent; default 1 s.
     pub stats_interval: Duration,
+    /// A client connection is closed when it has not sent a whole request head (with its
+    /// body, on the gateway's own HTTP/1.1 path) this long after it opened or after its last
+    /// response, or when it has not taken any of a response for this long; default 60 s.
+    pub client_timeout: Duration,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
         Config {
             domain: "localhost".to_string(),
             stats_interval: Duration::from_secs(1),
+            client_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -63,11 +68,16 @@ impl Config {
                 message: format!("{:?} is not a DNS domain", self.domain),
             });
         }
-        if self.stats_interval.is_zero() {
-            return Err(Error::Config {
-                key: "stats_interval",
-                message: "must be greater than zero".to_string(),
-            });
+        for (key, d) in [
+            ("stats_interval", self.stats_interval),
+            ("client_timeout", self.client_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::Config {
+                    key,
+                    message: "must be greater than zero".to_string(),
+                });
+            }
         }
         Ok(())
     }
@@ -229,7 +239,11 @@ struct Worker {
 impl Worker {
     /// Until the acceptor stops handing over connections.
     async fn run(self, mut rx: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>) {
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.shared.config.client_timeout);
         while let Some((stream, peer)) = rx.recv().await {
             // The acceptor counted this connection; the count falls when it ends, however.
             let counted = Counted(self.load.clone());

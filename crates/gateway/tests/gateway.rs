@@ -191,15 +191,23 @@ impl Gw {
     }
 
     async fn start_with(t: RouteTable, stats_interval: Duration) -> Gw {
+        Self::start_config(
+            t,
+            Config {
+                domain: "localhost".into(),
+                stats_interval,
+                ..Config::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_config(t: RouteTable, config: Config) -> Gw {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (routes, rx) = watch::channel(t);
         let (tx, events) = mpsc::channel(256);
         let shutdown = CancellationToken::new();
-        let config = Config {
-            domain: "localhost".into(),
-            stats_interval,
-        };
         let task = tokio::spawn(serve(listener, config, rx, tx, shutdown.clone()));
         Gw {
             addr,
@@ -1032,5 +1040,123 @@ async fn chunked_trailers_and_informational_responses_pass() -> Result<()> {
     );
     let (status, _, body) = read_response(&mut r, false).await?;
     assert_eq!((status, body.as_slice()), (200, &b"hello world"[..]));
+    Ok(())
+}
+
+/// Reads until the gateway closes the connection; how long that took.
+async fn closed_after(s: &mut tokio::net::TcpStream) -> Result<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink))
+        .await
+        .context("connection still open after 5 s")??;
+    Ok(start.elapsed())
+}
+
+/// Clients that send nothing, or part of a request, or stay idle after a response, are
+/// closed after the client timeout, on the gateway's own path and (after a handoff) on
+/// hyper's; waiting for a slow instance is not the client's time.
+#[tokio::test]
+async fn idle_and_slow_clients_are_closed_after_the_client_timeout() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let a = instance("a").await;
+    let gw = Gw::start_config(
+        table(vec![one("alpha", rev("r1", &[&a]))]),
+        Config {
+            client_timeout: Duration::from_millis(300),
+            ..Config::default()
+        },
+    )
+    .await;
+    let host = gw.host("alpha");
+
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await?;
+    let t = closed_after(&mut silent).await?;
+    assert!(t >= Duration::from_millis(250), "closed after {t:?}");
+
+    let mut partial = tokio::net::TcpStream::connect(gw.addr).await?;
+    partial.write_all(b"GET / HTTP/1.1\r\nHo").await?;
+    closed_after(&mut partial).await?;
+
+    let mut body_missing = tokio::net::TcpStream::connect(gw.addr).await?;
+    body_missing
+        .write_all(
+            format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\nabc")
+                .as_bytes(),
+        )
+        .await?;
+    closed_after(&mut body_missing).await?;
+
+    // Served, then idle: closed. A slow instance (600 ms) is not held against the client.
+    for (first, via) in [
+        (
+            format!("GET /slow?ms=600 HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            "own path",
+        ),
+        (
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+            ),
+            "hyper",
+        ),
+    ] {
+        let s = tokio::net::TcpStream::connect(gw.addr).await?;
+        let mut r = tokio::io::BufReader::new(s);
+        r.get_mut().write_all(first.as_bytes()).await?;
+        let (status, _, _) = read_response(&mut r, false).await?;
+        assert_eq!(status, 200, "{via}");
+        closed_after(r.get_mut())
+            .await
+            .with_context(|| format!("idle after a response on {via}"))?;
+    }
+    Ok(())
+}
+
+/// A client that stops reading a response is dropped after the client timeout, and the
+/// instance slot its request held goes to the next request.
+#[tokio::test]
+async fn a_client_that_stops_reading_frees_its_instance_slot() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let big = raw_instance("big", |head| {
+        let body = if head.starts_with("GET /big") {
+            "x".repeat(16 << 20)
+        } else {
+            "small".to_string()
+        };
+        (
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            false,
+        )
+    })
+    .await;
+    let mut r = raw_rev(big);
+    r.container_concurrency = 1;
+    let gw = Gw::start_config(
+        table(vec![one("big", r)]),
+        Config {
+            client_timeout: Duration::from_millis(300),
+            ..Config::default()
+        },
+    )
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(gw.addr).await?;
+    let host = gw.host("big");
+    stalled
+        .write_all(format!("GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The only slot is taken by the stalled response until the gateway gives up on it.
+    let start = Instant::now();
+    let resp = gw.get("big", "/small").send().await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await?, "small");
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "served at once: the stalled response did not hold the slot"
+    );
     Ok(())
 }
