@@ -167,13 +167,14 @@ pub(crate) fn start_server(
     })
 }
 
-/// Removes a bridge `ferry server` made for the suite, and its outbound NAT rule.
-fn remove_bridge(bridge: &str, cidr: &str) {
-    let _ = Command::new("ip").args(["link", "del", bridge]).output();
-    let _ = Command::new("iptables")
-        .args(["-w", "-t", "nat", "-D", "POSTROUTING", "-s", cidr, "!"])
-        .args(["-o", bridge, "-j", "MASQUERADE"])
-        .output();
+/// Removes the node link `ferry server` made for the suite (gateway address `gateway`/24),
+/// its routes and its outbound NAT rule.
+fn remove_link(link: &str, gateway: std::net::Ipv4Addr) {
+    let _ = ferry_agent::net::teardown_host(&ferry_agent::net::NetConfig {
+        bridge: link.into(),
+        gateway,
+        prefix: 24,
+    });
 }
 
 /// The address of a ready instance of `service`.
@@ -378,8 +379,8 @@ pub fn gateway(
     drop(nginx);
     drop(server);
     drop(before);
-    remove_bridge("fbgw0", "10.98.0.0/24");
-    remove_bridge("fbgw1", "10.98.1.0/24");
+    remove_link("fbgw0", std::net::Ipv4Addr::new(10, 98, 0, 1));
+    remove_link("fbgw1", std::net::Ipv4Addr::new(10, 98, 1, 1));
 
     let med = |t: usize, ci: usize, f: fn(&Wrk) -> f64| {
         percentile(&sorted(results[t][ci].iter().map(f).collect()), 0.5)

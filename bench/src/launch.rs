@@ -184,12 +184,11 @@ impl Node {
 }
 
 pub(crate) fn cleanup_host() {
-    let cidr = format!("{}/{PREFIX}", Ipv4Addr::new(10, 97, 0, 0));
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
-    let _ = Command::new("iptables")
-        .args(["-w", "-t", "nat", "-D", "POSTROUTING", "-s", &cidr, "!"])
-        .args(["-o", BRIDGE, "-j", "MASQUERADE"])
-        .output();
+    let _ = net::teardown_host(&net::NetConfig {
+        bridge: BRIDGE.into(),
+        gateway: GATEWAY,
+        prefix: PREFIX,
+    });
 }
 
 #[derive(Debug, Default)]

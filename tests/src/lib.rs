@@ -1,5 +1,5 @@
 //! ferry-tests: an in-process [`TestCluster`] (the whole of `ferry server` on ephemeral ports,
-//! a temp data dir and its own instance bridge) and helpers the end-to-end scenarios share.
+//! a temp data dir and its own instance network link) and helpers the end-to-end scenarios share.
 //! The scenarios drive it only through the real API, the real registry and the real gateway.
 
 use anyhow::{Context, Result, bail};

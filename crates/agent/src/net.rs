@@ -1,7 +1,11 @@
-//! Instance networking without external tools: a host bridge (`ferry0`, 10.88.0.1/16), one veth
-//! pair per instance (host end on the bridge, `eth0` created directly inside the instance's
-//! netns), a file-backed IPAM, and outbound NAT through iptables when the host has it.
-//! Netlink is spoken raw (RTM_NEWLINK/NEWADDR/NEWROUTE/DELLINK).
+//! Instance networking without external tools, routed: the node's link (`ferry0`, a bridge
+//! without ports holding the gateway address 10.88.0.1; a dummy link would do, but not every
+//! kernel has the dummy driver), one veth pair per instance (`eth0` created directly
+//! inside the instance's netns) with a /32 route to the instance through its host end, a
+//! file-backed IPAM, and outbound NAT through iptables when the host has it. No bridge: a
+//! Linux bridge takes at most 1,024 ports, which capped a node at 1,022 instances. Every
+//! neighbour entry is permanent and set by us (the MACs follow from addresses), so no ARP runs.
+//! Netlink is spoken raw (RTM_NEWLINK/NEWADDR/NEWROUTE/NEWNEIGH/DELLINK).
 
 use std::ffi::CString;
 use std::fs;
@@ -54,6 +58,7 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_DELNEIGH: u16 = 29;
 const NDA_DST: u16 = 1;
@@ -66,7 +71,6 @@ const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
-const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_NET_NS_PID: u16 = 19;
 const IFLA_INFO_KIND: u16 = 1;
@@ -74,8 +78,12 @@ const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
+const RTA_PREFSRC: u16 = 7;
+/// The gateway is on the link even though no prefix of the link covers it.
+const RTNH_F_ONLINK: u8 = 4;
 const NLA_F_NESTED: u16 = 0x8000;
 const IFF_UP: u32 = 1;
 
@@ -278,8 +286,9 @@ fn add_addr(
     }
 }
 
-/// Creates the bridge (if missing), gives it the gateway address and brings it up; enables
-/// forwarding and outbound NAT (iptables, when installed).
+/// Creates the node's link (a bridge without ports, if missing) with the gateway address, makes the rest of
+/// the subnet unreachable (an address with no instance fails at once instead of timing out),
+/// enables forwarding and outbound NAT (iptables, when installed).
 pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
     let nl = Netlink::open().map_err(|source| NetError::Netlink {
         op: "open".into(),
@@ -291,36 +300,37 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
         let li = m.nest_start(IFLA_LINKINFO);
         m.attr_str(IFLA_INFO_KIND, "bridge");
         m.nest_end(li);
-        match nl.request(&format!("create bridge {}", cfg.bridge), &mut m) {
+        match nl.request(&format!("create link {}", cfg.bridge), &mut m) {
             Err(NetError::Netlink { source, .. })
                 if source.raw_os_error() == Some(libc::EEXIST) => {}
             r => r?,
         }
     }
     let idx = ifindex(&cfg.bridge).ok_or_else(|| NetError::Io {
-        what: format!("bridge {}", cfg.bridge),
+        what: format!("link {}", cfg.bridge),
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
-    // A bridge whose MAC the kernel chose follows its lowest port's MAC, so it changes as
-    // instances come and go, and the instances' ARP entries for the gateway address go stale:
-    // their packets to it are lost until ARP recovers (responses held for ~100 s under
-    // scale-downs). A MAC set by us stays.
-    let assigned = fs::read_to_string(format!("/sys/class/net/{}/addr_assign_type", cfg.bridge))
-        .map(|s| s.trim() == "3")
-        .unwrap_or(false);
-    if !assigned {
-        nl.request(
-            &format!("set the MAC of {}", cfg.bridge),
-            Msg::new(RTM_NEWLINK, 0)
-                .ifinfo(idx, 0, 0)
-                .attr(IFLA_ADDRESS, &bridge_mac(&cfg.bridge)),
-        )?;
-    }
-    add_addr(&nl, idx, cfg.gateway, cfg.prefix, &cfg.bridge)?;
+    add_addr(&nl, idx, cfg.gateway, 32, &cfg.bridge)?;
     link_up(&nl, idx, &cfg.bridge)?;
+    let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
+    m.raw(&rtmsg(
+        cfg.prefix,
+        libc::RT_SCOPE_UNIVERSE,
+        libc::RTN_UNREACHABLE,
+        0,
+    ))
+    .attr(RTA_DST, &Ipv4Addr::from(cfg.network()).octets());
+    match nl.request(&format!("unreachable route {}", cfg.cidr()), &mut m) {
+        // There already (an agent restart), or a node that had a bridge with the /prefix.
+        Err(NetError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {}
+        r => r?,
+    }
     let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
     raise_neigh_limits(1u64 << (32 - u32::from(cfg.prefix)));
     if let Some(ipt) = iptables() {
+        // The rule of the bridge this link replaced would masquerade traffic between
+        // instances, which now leaves through their veths.
+        delete_rule(&ipt, &old_nat_rule(cfg));
         let rule = nat_rule(cfg);
         let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
         ensure_rule(&ipt, &rule);
@@ -330,8 +340,50 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
     Ok(())
 }
 
-/// The outbound NAT rule of the bridge's subnet (iptables arguments without the action).
+/// An rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+fn rtmsg(dst_len: u8, scope: u8, kind: u8, flags: u8) -> [u8; 12] {
+    [
+        libc::AF_INET as u8,
+        dst_len,
+        0,
+        0,
+        libc::RT_TABLE_MAIN,
+        libc::RTPROT_BOOT,
+        scope,
+        kind,
+        flags,
+        0,
+        0,
+        0,
+    ]
+}
+
+/// The outbound NAT rule of the instance subnet (iptables arguments without the action):
+/// what leaves it for elsewhere.
 fn nat_rule(cfg: &NetConfig) -> Vec<String> {
+    masquerade(cfg, "-d", &cfg.cidr())
+}
+
+/// The NAT rule of the bridged network before (`! -o <bridge>`).
+fn old_nat_rule(cfg: &NetConfig) -> Vec<String> {
+    masquerade(cfg, "-o", &cfg.bridge)
+}
+
+/// Deletes a rule of the nat table (`-t nat` first in `rule`, as [`masquerade`] makes them);
+/// one that is not there is fine.
+fn delete_rule(ipt: &Path, rule: &[String]) {
+    let (table, rest) = rule.split_at(2);
+    let _ = std::process::Command::new(ipt)
+        .args(table)
+        .args(["-w", "-D"])
+        .args(rest)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// MASQUERADE what comes from the instance subnet unless `flag value` matches.
+fn masquerade(cfg: &NetConfig, flag: &str, value: &str) -> Vec<String> {
     let cidr = cfg.cidr();
     [
         "-t",
@@ -340,8 +392,8 @@ fn nat_rule(cfg: &NetConfig) -> Vec<String> {
         "-s",
         &cidr,
         "!",
-        "-o",
-        &cfg.bridge,
+        flag,
+        value,
         "-j",
         "MASQUERADE",
     ]
@@ -349,26 +401,30 @@ fn nat_rule(cfg: &NetConfig) -> Vec<String> {
     .to_vec()
 }
 
-/// Undoes [`setup_host`]: deletes the bridge and its NAT rule (`ip_forward` stays on). For
-/// agents that go for good, such as the test clusters; a node's agent keeps its bridge across
-/// restarts.
+/// Undoes [`setup_host`]: deletes the link (its address and its unreachable route go with
+/// it) and the NAT rule (`ip_forward` stays on). For agents that go for good, such as the test
+/// clusters; a node's agent keeps its link across restarts.
 pub fn teardown_host(cfg: &NetConfig) -> Result<(), NetError> {
     if let Some(ipt) = iptables() {
-        let rule = nat_rule(cfg);
-        let (table, rest) = rule.split_at(2);
-        let _ = std::process::Command::new(ipt)
-            .args(table)
-            .args(["-w", "-D"])
-            .args(rest)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        delete_rule(&ipt, &nat_rule(cfg));
+    }
+    if let Ok(nl) = Netlink::open() {
+        let mut m = Msg::new(RTM_DELROUTE, 0);
+        m.raw(&rtmsg(
+            cfg.prefix,
+            libc::RT_SCOPE_UNIVERSE,
+            libc::RTN_UNREACHABLE,
+            0,
+        ))
+        .attr(RTA_DST, &Ipv4Addr::from(cfg.network()).octets());
+        let _ = nl.request(&format!("delete unreachable route {}", cfg.cidr()), &mut m);
     }
     delete_link(&cfg.bridge)
 }
 
-/// A stable, locally administered unicast MAC for the bridge, from its name.
-fn bridge_mac(name: &str) -> [u8; 6] {
+/// The MAC of every host end of this node's veths: stable, locally administered, unicast,
+/// from the node link's name. Instances hold it as the gateway's permanent neighbour entry.
+fn gateway_mac(name: &str) -> [u8; 6] {
     // FNV-1a: stable across runs and builds.
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -438,8 +494,6 @@ pub struct InstanceNet {
     pub ip: Ipv4Addr,
     pub host_veth: String,
     pub no_outbound: bool,
-    /// The bridge holding the host's neighbour entry for `ip`.
-    pub bridge: String,
 }
 
 /// Creates the veth pair with `eth0` inside the netns of `pid`, addresses it and routes it.
@@ -459,24 +513,20 @@ pub fn setup_instance(
         what: ns_path.clone(),
         source,
     })?;
-    let bridge = ifindex(&cfg.bridge).ok_or_else(|| NetError::Io {
-        what: format!("bridge {}", cfg.bridge),
-        source: io::Error::from(io::ErrorKind::NotFound),
-    })?;
     let host = host_veth_name(instance);
     // A leftover of an earlier life of this instance id (agent crash) would block the name.
     delete_link(&host)?;
+    let gw_mac = gateway_mac(&cfg.bridge);
     let mut m = Msg::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
     m.ifinfo(0, 0, 0)
         .attr_str(IFLA_IFNAME, &host)
-        .attr(IFLA_MASTER, &(bridge as u32).to_ne_bytes());
+        .attr(IFLA_ADDRESS, &gw_mac);
     let li = m.nest_start(IFLA_LINKINFO);
     m.attr_str(IFLA_INFO_KIND, "veth");
     let data = m.nest_start(IFLA_INFO_DATA);
     let peer = m.nest_start(VETH_INFO_PEER);
     // eth0's MAC follows from its address (as Docker does): when an address is leased again,
-    // the host's ARP entry for it is still right, and the new instance is reachable at once
-    // instead of after the stale entry times out (readiness stuck for ~15 s under scale churn).
+    // the host's neighbour entry for it is still right.
     m.ifinfo(0, 0, 0)
         .attr_str(IFLA_IFNAME, "eth0")
         .attr(IFLA_ADDRESS, &instance_mac(ip))
@@ -489,20 +539,27 @@ pub fn setup_instance(
         what: format!("veth {host}"),
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
-    link_up_v4(&nl, hidx, &host)?;
-    // The host knows the instance's MAC (it follows from the address): a permanent neighbour
-    // entry instead of ARP. No ARP round trip before the first probe, no resolution that a
-    // lost reply would retry only after a second (a start stalled for ~1 s once in 150), and
-    // no entry that counts against the ARP table's limits.
-    if let Err(e) = neigh(&nl, bridge, ip, Some(instance_mac(ip))) {
+    // The host reaches the instance through its veth, from the gateway address, and knows its
+    // MAC: a permanent neighbour entry instead of ARP (no round trip before the first probe,
+    // no lost reply retried a second later, nothing against the ARP table's limits). Both go
+    // with the veth.
+    let routed = link_up_v4(&nl, hidx, &host)
+        .and_then(|()| {
+            let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE);
+            m.raw(&rtmsg(32, libc::RT_SCOPE_LINK, libc::RTN_UNICAST, 0))
+                .attr(RTA_DST, &ip.octets())
+                .attr(RTA_OIF, &(hidx as u32).to_ne_bytes())
+                .attr(RTA_PREFSRC, &cfg.gateway.octets());
+            nl.request(&format!("route to {ip}"), &mut m)
+        })
+        .and_then(|()| neigh(&nl, hidx, ip, Some(instance_mac(ip))));
+    if let Err(e) = routed {
         let _ = delete_link(&host);
         return Err(e);
     }
-    let gw_mac = link_mac(&cfg.bridge);
 
     // Inside the netns: a thread of our own joins it (network namespaces are per thread).
     let gw = cfg.gateway;
-    let prefix = cfg.prefix;
     let inside = std::thread::spawn(move || -> Result<(), NetError> {
         crate::sys::setns(ns.as_raw_fd(), libc::CLONE_NEWNET).map_err(|e| NetError::Io {
             what: "setns into instance netns".into(),
@@ -518,31 +575,20 @@ pub fn setup_instance(
             what: "eth0 in netns".into(),
             source: io::Error::from(io::ErrorKind::NotFound),
         })?;
-        add_addr(&nl, eth, ip, prefix, "eth0")?;
+        // Its own address alone: everything else, other instances included, goes through the
+        // gateway, whose MAC it knows.
+        add_addr(&nl, eth, ip, 32, "eth0")?;
         link_up_v4(&nl, eth, "eth0")?;
-        // And the instance knows the gateway's (the bridge's) MAC.
-        if let Some(mac) = gw_mac {
-            neigh(&nl, eth, gw, Some(mac))?;
-        }
+        neigh(&nl, eth, gw, Some(gw_mac))?;
         let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
-        // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-        let rt = [
-            libc::AF_INET as u8,
+        m.raw(&rtmsg(
             0,
-            0,
-            0,
-            libc::RT_TABLE_MAIN,
-            libc::RTPROT_BOOT,
             libc::RT_SCOPE_UNIVERSE,
             libc::RTN_UNICAST,
-            0,
-            0,
-            0,
-            0,
-        ];
-        m.raw(&rt)
-            .attr(RTA_GATEWAY, &gw.octets())
-            .attr(RTA_OIF, &(eth as u32).to_ne_bytes());
+            RTNH_F_ONLINK,
+        ))
+        .attr(RTA_GATEWAY, &gw.octets())
+        .attr(RTA_OIF, &(eth as u32).to_ne_bytes());
         nl.request("add default route", &mut m)
     });
     let r = inside.join().unwrap_or_else(|_| {
@@ -552,7 +598,6 @@ pub fn setup_instance(
         })
     });
     if let Err(e) = r {
-        let _ = neigh(&nl, bridge, ip, None);
         let _ = delete_link(&host);
         return Err(e);
     }
@@ -564,7 +609,6 @@ pub fn setup_instance(
         ip,
         host_veth: host,
         no_outbound: !outbound,
-        bridge: cfg.bridge.clone(),
     })
 }
 
@@ -633,29 +677,12 @@ fn neigh(nl: &Netlink, index: i32, ip: Ipv4Addr, mac: Option<[u8; 6]>) -> Result
     nl.request(&format!("neighbour entry for {ip}"), &mut m)
 }
 
-/// A link's MAC address, from sysfs (of the calling thread's network namespace).
-fn link_mac(name: &str) -> Option<[u8; 6]> {
-    let s = fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
-    let mut mac = [0u8; 6];
-    let mut parts = s.trim().split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Removes the instance's veth (if the netns teardown has not already), its rules and the
-/// host's neighbour entry for its address.
+/// Removes the instance's veth (if the netns teardown has not already; its route and the
+/// host's neighbour entry go with it) and its rules.
 pub fn teardown_instance(net: &InstanceNet) -> Result<(), NetError> {
     if net.no_outbound {
         let ips = net.ip.to_string();
         iptables_run("-D", &["FORWARD", "-s", &ips, "-j", "DROP"]);
-    }
-    if let (Some(idx), false) = (ifindex(&net.bridge), net.ip.is_unspecified())
-        && let Ok(nl) = Netlink::open()
-    {
-        // Gone already (the bridge was removed, or never added) is fine.
-        let _ = neigh(&nl, idx, net.ip, None);
     }
     delete_link(&net.host_veth)
 }
@@ -748,14 +775,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bridge_mac_is_stable_local_unicast() {
-        let a = bridge_mac("ferry0");
-        assert_eq!(a, bridge_mac("ferry0"));
-        assert_ne!(a, bridge_mac("ferry1"));
+    fn nat_covers_what_leaves_the_subnet_and_drops_the_bridge_rule() {
+        let cfg = NetConfig::default();
+        assert_eq!(
+            nat_rule(&cfg).join(" "),
+            "-t nat POSTROUTING -s 10.88.0.0/16 ! -d 10.88.0.0/16 -j MASQUERADE"
+        );
+        assert_eq!(
+            old_nat_rule(&cfg).join(" "),
+            "-t nat POSTROUTING -s 10.88.0.0/16 ! -o ferry0 -j MASQUERADE"
+        );
+    }
+
+    #[test]
+    fn gateway_mac_is_stable_local_unicast() {
+        let a = gateway_mac("ferry0");
+        assert_eq!(a, gateway_mac("ferry0"));
+        assert_ne!(a, gateway_mac("ferry1"));
         assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
         let m = instance_mac(Ipv4Addr::new(10, 88, 0, 7));
         assert_eq!(m, [0x02, 0x42, 10, 88, 0, 7]);
-        assert_ne!(a[..2], m[..2], "bridge and instance MACs never meet");
+        assert_ne!(a[..2], m[..2], "gateway and instance MACs never meet");
     }
 
     #[test]

@@ -197,7 +197,6 @@ pub fn recover(data_dir: &Path, hierarchy: &Hierarchy, net_cfg: &NetConfig) -> R
                 ip: rec.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
                 host_veth: rec.veth.clone(),
                 no_outbound: !rec.outbound && rec.ip.is_some(),
-                bridge: net_cfg.bridge.clone(),
             };
             match net::teardown_instance(&n) {
                 Ok(()) if had_veth => r.veths += 1,

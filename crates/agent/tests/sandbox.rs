@@ -1,6 +1,6 @@
 //! Real containers: these tests run the agent as root against the kernel (namespaces, overlay,
 //! cgroups, veth). They need the static testapp (env TESTAPP_STATIC_BIN) and skip without it.
-//! Each test uses its own bridge and /24 so tests can run in parallel.
+//! Each test uses its own node link and /24 so tests can run in parallel.
 
 mod common;
 
@@ -35,15 +35,36 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
             .map(str::to_string)
     };
     let ip = addr.ip().to_string();
+    let veth = ferry_agent::net::host_veth_name(id);
     let entry = arp(&ip).expect("a neighbour entry for the instance");
     let f: Vec<&str> = entry.split_whitespace().collect();
     assert_eq!(
         (f[2], f[3], f[5]),
-        ("0x6", "02:42:0a:59:01:02", node.bridge.as_str()),
+        ("0x6", "02:42:0a:59:01:02", veth.as_str()),
         "{entry}"
     );
+    // Routed, not bridged: a /32 route to the instance through its veth, from the gateway
+    // address (no veth is a port of the node's link, so there is no port limit).
+    let route = std::process::Command::new("ip")
+        .args(["-4", "route", "show", &format!("{ip}/32")])
+        .output()?;
+    let route = String::from_utf8_lossy(&route.stdout).to_string();
+    assert!(
+        route.contains(&format!("dev {veth}")) && route.contains("src 10.89.1.1"),
+        "{route:?}"
+    );
+    let ports = std::path::Path::new("/sys/class/net")
+        .join(&node.bridge)
+        .join("brif");
+    assert_eq!(std::fs::read_dir(&ports)?.count(), 0, "{ports:?} has ports");
+    // Every host end has the node's gateway MAC, which the instance holds as permanent.
+    let mac = std::fs::read_to_string(
+        std::path::Path::new("/sys/class/net")
+            .join(&veth)
+            .join("address"),
+    )?;
+    assert!(mac.starts_with("02:46:"), "{mac}");
     // IPv4 only: no IPv6 address generation (no link-local address, DAD or MLD) on the veth.
-    let veth = ferry_agent::net::host_veth_name(id);
     let mode = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{veth}/addr_gen_mode"));
     if let Ok(mode) = mode {
         assert_eq!(mode.trim(), "1", "addr_gen_mode of {veth}");
@@ -66,19 +87,11 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     eprintln!("dev: {}", dev.1);
     let hn = get(addr, "/hostname").await?;
     assert!(hn.1.contains(id), "{hn:?}");
-    // The bridge's MAC is ours, not its lowest port's: it stays as instances come and go, so
-    // the other instances' ARP entries for the gateway address stay right.
-    let sys = std::path::Path::new("/sys/class/net").join(&node.bridge);
-    let mac = std::fs::read_to_string(sys.join("address"))?;
-    assert_eq!(
-        std::fs::read_to_string(sys.join("addr_assign_type"))?.trim(),
-        "3"
-    );
     // Only our own processes are visible (pid namespace).
     let st = node.stop(id).await?;
     assert_eq!(st.state, InstanceState::Stopped);
     assert_eq!(arp(&ip), None, "neighbour entry left after stop");
-    assert_eq!(std::fs::read_to_string(sys.join("address"))?, mac);
+    assert!(!std::path::Path::new("/sys/class/net").join(&veth).exists());
     assert_eq!(st.reason, Some(ExitReason::Stopped));
     let left = leftovers(&node.data, id);
     assert!(left.is_empty(), "left behind: {left:?}");

@@ -36,10 +36,11 @@ pub struct DaemonArgs {
     /// This node's name [default: the host name]
     #[arg(long, env = "FERRY_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Host bridge the instances attach to [default: ferry0]
+    /// The node link instances are routed behind (a bridge without ports holding the gateway
+    /// address; instances are routed, not bridged) [default: ferry0]
     #[arg(long, env = "FERRY_BRIDGE")]
     pub bridge: Option<String>,
-    /// Bridge address and prefix of the instance network [default: 10.88.0.1/16]
+    /// Gateway address and prefix of the instance network [default: 10.88.0.1/16]
     #[arg(long, env = "FERRY_SUBNET")]
     pub subnet: Option<String>,
     /// Price plan TOML for usage and invoices [default: the built-in plan, docs/billing.md]
