@@ -158,6 +158,12 @@ impl Shared {
     }
 }
 
+/// The open-file limit (soft, hard) instances and exec'd commands get: what the process had
+/// before its first agent raised its own (docs/agent.md); (0, 0) before an agent ran.
+pub fn instance_open_files() -> (u64, u64) {
+    sys::instance_nofile()
+}
+
 /// A node agent. Cheap to clone; logs and exec work while [`Agent::run`] runs.
 #[derive(Clone)]
 pub struct Agent {
@@ -258,6 +264,10 @@ impl Agent {
         // One agent per data dir: the clean-up below would otherwise kill a running agent's
         // instances. The kernel drops the lock when the holder dies, even by SIGKILL.
         let _lock = lock_data_dir(&cfg.data_dir)?;
+        match sys::raise_nofile() {
+            Ok(n) => tracing::debug!(limit = n, "open-file limit of the agent"),
+            Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
+        }
         let netcfg = cfg.net.clone();
         tokio::task::spawn_blocking(move || net::setup_host(&netcfg))
             .await

@@ -157,6 +157,7 @@ const STEP_SECCOMP: u32 = 1013;
 const STEP_EXEC: u32 = 1014;
 const STEP_SIGNALS: u32 = 1015;
 const STEP_CGROUP: u32 = 1016;
+const STEP_RLIMIT: u32 = 1017;
 
 fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SandboxError> {
     CString::new(s.as_ref())
@@ -609,6 +610,7 @@ fn step_name(step: u32, ops: &[String]) -> String {
         STEP_SECCOMP => "install seccomp filter".into(),
         STEP_EXEC => "exec".into(),
         STEP_SIGNALS => "reset signals".into(),
+        STEP_RLIMIT => "restore the open-file limit".into(),
         STEP_CGROUP => "join the instance cgroup".into(),
         i => ops
             .get(i as usize)
@@ -899,6 +901,7 @@ fn finish_child(plan: &Plan, report: RawFd, stdin: Option<RawFd>, out: RawFd, er
     ck(STEP_STDIO, sys::dup2(err, 2));
     ck(STEP_FDS, sys::cloexec_from(3));
     ck(STEP_SIGNALS, sys::reset_signals());
+    ck(STEP_RLIMIT, sys::restore_nofile());
     ck(STEP_NNP, sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1));
     for cap in 0..=plan.last_cap {
         if plan.caps & (1u64 << cap) == 0 {

@@ -4,6 +4,7 @@
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub type SysResult<T = ()> = Result<T, i32>;
 
@@ -435,4 +436,70 @@ fn close_range(lo: u32, hi: u32) -> SysResult {
     // SAFETY: close_range only closes descriptors; the caller owns its descriptor table.
     let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) };
     if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// The open-file limit instances get: what the agent's process had before it raised its own
+/// ([`raise_nofile`]); (0, 0) until then.
+static INSTANCE_NOFILE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// The open-file ceiling the agent raises itself to when it may (`CAP_SYS_RESOURCE`).
+const AGENT_NOFILE: u64 = 1 << 20;
+
+fn set_nofile(soft: u64, hard: u64) -> SysResult {
+    let l = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) })
+}
+
+/// Raises this process's open-file limit: a node holds a few descriptors per instance (its
+/// log pipes, its pidfd), and the usual 1,024 (or a container's 20,000) runs out long before
+/// memory does. The soft limit goes to the hard one, and the hard one to min(`fs.nr_open`,
+/// 2^20) when allowed. What the process had is kept for instances ([`restore_nofile`]).
+/// Returns the new soft limit.
+pub fn raise_nofile() -> std::io::Result<u64> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The first agent of the process records what the process started with.
+    if INSTANCE_NOFILE[1]
+        .compare_exchange(0, cur.rlim_max, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+    {
+        INSTANCE_NOFILE[0].store(cur.rlim_cur, Ordering::SeqCst);
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(AGENT_NOFILE);
+    let want = cur.rlim_max.max(AGENT_NOFILE.min(nr_open));
+    if set_nofile(want, want).is_ok() {
+        return Ok(want);
+    }
+    set_nofile(cur.rlim_max, cur.rlim_max).map_err(std::io::Error::from_raw_os_error)?;
+    Ok(cur.rlim_max)
+}
+
+/// The open-file limit (soft, hard) instances get; (0, 0) before an agent ran.
+pub fn instance_nofile() -> (u64, u64) {
+    (
+        INSTANCE_NOFILE[0].load(Ordering::Relaxed),
+        INSTANCE_NOFILE[1].load(Ordering::Relaxed),
+    )
+}
+
+/// In a sandbox or exec child: back to the open-file limit the agent's process started with.
+pub fn restore_nofile() -> SysResult {
+    let hard = INSTANCE_NOFILE[1].load(Ordering::Relaxed);
+    if hard == 0 {
+        return Ok(());
+    }
+    set_nofile(INSTANCE_NOFILE[0].load(Ordering::Relaxed), hard)
 }

@@ -59,20 +59,31 @@ fn counts(node: &Node, prefix: &str) -> Counts {
     Counts {
         mounts: mounts_under(&node.root).len(),
         cgroups,
-        // Host ends of instance veths (`fv…`): this test binary runs alone.
-        veths: std::fs::read_dir("/sys/class/net")
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("fv"))
-                    .count()
-            })
-            .unwrap_or(0),
+        veths: routed_veths(),
         instance_dirs: count_dir(&node.data.join("instances")),
         leases: leases(&node.data).len(),
         fds: count_dir(Path::new("/proc/self/fd")),
         threads: count_dir(Path::new("/proc/self/task")),
         children: children(),
     }
+}
+
+/// Host ends of this node's instance veths: the `fv…` links a route into its /24
+/// (10.89.NET.0) goes through (/proc/net/route prints destinations as the bytes of a
+/// little-endian word).
+fn routed_veths() -> usize {
+    let net = u32::from(std::net::Ipv4Addr::new(10, 89, NET, 0));
+    std::fs::read_to_string("/proc/net/route")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 1
+                && f[0].starts_with("fv")
+                && u32::from_str_radix(f[1], 16).is_ok_and(|d| d.swap_bytes() & 0xffff_ff00 == net)
+        })
+        .count()
 }
 
 /// Polls until every count is at or below the baseline (threads of the blocking pool and
