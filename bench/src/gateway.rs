@@ -400,6 +400,16 @@ pub fn gateway(
         peer: Some(med(ngx, 0, p50) - med(direct, 0, p50)),
         goal: Some("≤ 0.15 ms".into()),
     });
+    // Target `a` against target `b` (indices into `targets`) at connection count `ci`.
+    let vs =
+        |metric: String, unit: &str, (a, b): (usize, usize), ci, f, name: &Option<String>| Row {
+            metric,
+            unit: unit.into(),
+            ferry: med(a, ci, f),
+            peer_name: name.clone(),
+            peer: Some(med(b, ci, f)),
+            goal: None,
+        };
     for (ci, &c) in CONNECTIONS.iter().enumerate() {
         for (peer, name) in [(ngx, &nginx_name), (direct, &direct_name)] {
             for (what, f, unit) in [
@@ -408,46 +418,49 @@ pub fn gateway(
                 ("throughput", rps, "req/s"),
             ] {
                 let last = c == *CONNECTIONS.last().unwrap_or(&1);
-                rows.push(Row {
-                    metric: format!("{what}, {c} connections"),
-                    unit: unit.into(),
-                    ferry: med(gw, ci, f),
-                    peer_name: name.clone(),
-                    peer: Some(med(peer, ci, f)),
-                    goal: (peer == ngx && what == "throughput" && last).then(|| "≥ peer".into()),
-                });
+                let mut row = vs(
+                    format!("{what}, {c} connections"),
+                    unit,
+                    (gw, peer),
+                    ci,
+                    f,
+                    name,
+                );
+                row.goal = (peer == ngx && what == "throughput" && last).then(|| "≥ peer".into());
+                rows.push(row);
             }
         }
     }
     let cpu = |w: &Wrk| w.cpu_us_per_request;
     let user = |w: &Wrk| w.user_us_per_request;
     for (ci, &c) in CONNECTIONS.iter().enumerate().skip(1) {
-        rows.push(Row {
-            metric: format!("platform CPU per request, {c} connections"),
-            unit: "µs".into(),
-            ferry: med(gw, ci, cpu),
-            peer_name: nginx_name.clone(),
-            peer: Some(med(ngx, ci, cpu)),
-            goal: None,
-        });
-        rows.push(Row {
-            metric: format!("of it in user space, {c} connections"),
-            unit: "µs".into(),
-            ferry: med(gw, ci, user),
-            peer_name: nginx_name.clone(),
-            peer: Some(med(ngx, ci, user)),
-            goal: None,
-        });
-        rows.push(Row {
-            metric: format!(
+        let n = &nginx_name;
+        rows.push(vs(
+            format!("platform CPU per request, {c} connections"),
+            "µs",
+            (gw, ngx),
+            ci,
+            cpu,
+            n,
+        ));
+        rows.push(vs(
+            format!("of it in user space, {c} connections"),
+            "µs",
+            (gw, ngx),
+            ci,
+            user,
+            n,
+        ));
+        rows.push(vs(
+            format!(
                 "platform CPU per request, {c} connections (no proxy: the Ferry server's own share)"
             ),
-            unit: "µs".into(),
-            ferry: med(gw, ci, cpu),
-            peer_name: direct_name.clone(),
-            peer: Some(med(direct, ci, cpu)),
-            goal: None,
-        });
+            "µs",
+            (gw, direct),
+            ci,
+            cpu,
+            &direct_name,
+        ));
     }
     if baseline.is_some() {
         let (bl, name) = (3, Some("baseline build's gateway".to_string()));
@@ -461,44 +474,22 @@ pub fn gateway(
             goal: None,
         });
         for (ci, &c) in CONNECTIONS.iter().enumerate() {
-            for (what, f, unit) in [
+            let mut compared = vec![
                 ("latency p50", p50 as fn(&Wrk) -> f64, "ms"),
                 ("throughput", rps, "req/s"),
-            ] {
-                rows.push(Row {
-                    metric: format!("{what}, {c} connections: this build vs the baseline build"),
-                    unit: unit.into(),
-                    ferry: med(gw, ci, f),
-                    peer_name: name.clone(),
-                    peer: Some(med(bl, ci, f)),
-                    goal: None,
-                });
-            }
+            ];
             if ci > 0 {
-                for (what, f) in [
-                    ("platform CPU per request", cpu as fn(&Wrk) -> f64),
-                    ("of it in user space", user),
-                ] {
-                    rows.push(Row {
-                        metric: format!(
-                            "{what}, {c} connections: this build vs the baseline build"
-                        ),
-                        unit: "µs".into(),
-                        ferry: med(gw, ci, f),
-                        peer_name: name.clone(),
-                        peer: Some(med(bl, ci, f)),
-                        goal: None,
-                    });
-                }
+                compared.extend([
+                    ("platform CPU per request", cpu as fn(&Wrk) -> f64, "µs"),
+                    ("of it in user space", user, "µs"),
+                ]);
             }
-            rows.push(Row {
-                metric: format!("baseline build: throughput, {c} connections"),
-                unit: "req/s".into(),
-                ferry: med(bl, ci, rps),
-                peer_name: nginx_name.clone(),
-                peer: Some(med(ngx, ci, rps)),
-                goal: None,
-            });
+            for (what, f, unit) in compared {
+                let metric = format!("{what}, {c} connections: this build vs the baseline build");
+                rows.push(vs(metric, unit, (gw, bl), ci, f, &name));
+            }
+            let metric = format!("baseline build: throughput, {c} connections");
+            rows.push(vs(metric, "req/s", (bl, ngx), ci, rps, &nginx_name));
         }
     }
     if rows.iter().any(|r| r.ferry.is_nan()) {

@@ -4,7 +4,7 @@
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 pub type SysResult<T = ()> = Result<T, i32>;
 
@@ -438,9 +438,10 @@ fn close_range(lo: u32, hi: u32) -> SysResult {
     if r < 0 { Err(errno()) } else { Ok(()) }
 }
 
-/// The open-file limit instances get: what the agent's process had before it raised its own
-/// ([`raise_nofile`]); (0, 0) until then.
-static INSTANCE_NOFILE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// The open-file limit (soft, hard) instances get: what the agent's process had before it
+/// raised its own ([`raise_nofile`]). Set once, before any child is spawned; a child only
+/// reads it.
+static INSTANCE_NOFILE: OnceLock<(u64, u64)> = OnceLock::new();
 
 /// The open-file ceiling the agent raises itself to when it may (`CAP_SYS_RESOURCE`).
 const AGENT_NOFILE: u64 = 1 << 20;
@@ -469,12 +470,7 @@ pub fn raise_nofile() -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     // The first agent of the process records what the process started with.
-    if INSTANCE_NOFILE[1]
-        .compare_exchange(0, cur.rlim_max, Ordering::SeqCst, Ordering::SeqCst)
-        .is_ok()
-    {
-        INSTANCE_NOFILE[0].store(cur.rlim_cur, Ordering::SeqCst);
-    }
+    INSTANCE_NOFILE.get_or_init(|| (cur.rlim_cur, cur.rlim_max));
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -489,17 +485,13 @@ pub fn raise_nofile() -> std::io::Result<u64> {
 
 /// The open-file limit (soft, hard) instances get; (0, 0) before an agent ran.
 pub fn instance_nofile() -> (u64, u64) {
-    (
-        INSTANCE_NOFILE[0].load(Ordering::Relaxed),
-        INSTANCE_NOFILE[1].load(Ordering::Relaxed),
-    )
+    INSTANCE_NOFILE.get().copied().unwrap_or((0, 0))
 }
 
 /// In a sandbox or exec child: back to the open-file limit the agent's process started with.
 pub fn restore_nofile() -> SysResult {
-    let hard = INSTANCE_NOFILE[1].load(Ordering::Relaxed);
-    if hard == 0 {
-        return Ok(());
+    match INSTANCE_NOFILE.get() {
+        Some(&(soft, hard)) => set_nofile(soft, hard),
+        None => Ok(()),
     }
-    set_nofile(INSTANCE_NOFILE[0].load(Ordering::Relaxed), hard)
 }

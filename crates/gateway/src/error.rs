@@ -117,6 +117,16 @@ impl ProxyError {
         )
     }
 
+    /// The instance answered 101 to a request that asked for no upgrade.
+    pub fn bad_upgrade(instance: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "bad_upgrade",
+            ErrorSource::Instance,
+            format!("instance {instance:?} switched protocols unasked"),
+        )
+    }
+
     pub fn body_too_large(limit: u64) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

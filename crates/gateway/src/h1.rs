@@ -30,11 +30,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::error::{ErrorSource, ProxyError};
+use crate::error::ProxyError;
 use crate::headers::{self, HOP_BY_HOP};
 use crate::pool::{Pool, SendError};
 use crate::proxy::{self, Shared};
-use crate::state::Admission;
 
 /// Headers a request or response may have on this path (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -98,27 +97,23 @@ pub(crate) async fn serve(
             if idle && shutdown.is_cancelled() {
                 return Served::Closed;
             }
-            reserve(&mut buf, CLIENT_BUF);
-            let read = tokio::select! {
-                biased;
-                r = stream.read_buf(&mut buf) => r,
-                _ = shutdown.cancelled(), if idle => return Served::Closed,
-                _ = timer.as_mut() => return timed_out(peer, idle),
-            };
-            if !matches!(read, Ok(n) if n > 0) {
+            if !read_more(
+                &mut stream,
+                &mut buf,
+                CLIENT_BUF,
+                &mut timer,
+                shutdown,
+                peer,
+            )
+            .await
+            {
                 return Served::Closed;
             }
         };
         // The body, whole.
         while buf.len() < req.head_len + req.body_len {
             let missing = req.head_len + req.body_len - buf.len();
-            reserve(&mut buf, missing);
-            let read = tokio::select! {
-                biased;
-                r = stream.read_buf(&mut buf) => r,
-                _ = timer.as_mut() => return timed_out(peer, false),
-            };
-            if !matches!(read, Ok(n) if n > 0) {
+            if !read_more(&mut stream, &mut buf, missing, &mut timer, shutdown, peer).await {
                 return Served::Closed;
             }
         }
@@ -135,14 +130,30 @@ pub(crate) async fn serve(
     }
 }
 
-fn timed_out(peer: SocketAddr, idle: bool) -> Served {
-    let what = if idle {
-        "idle"
-    } else {
-        "sent part of a request"
+/// Reads more of a request (room for `want` bytes) into `buf`; false when the connection is
+/// to close: the client closed it, the client timeout passed, or shutdown came while nothing
+/// of a request had been read.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    want: usize,
+    timer: &mut Pin<&mut tokio::time::Sleep>,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+) -> bool {
+    let idle = buf.is_empty();
+    reserve(buf, want);
+    let read = tokio::select! {
+        biased;
+        r = stream.read_buf(buf) => r,
+        _ = shutdown.cancelled(), if idle => return false,
+        _ = timer.as_mut() => {
+            let what = if idle { "idle" } else { "sent part of a request" };
+            debug!(%peer, "client connection closed: {what} for the client timeout");
+            return false;
+        }
     };
-    debug!(%peer, "client connection closed: {what} for the client timeout");
-    Served::Closed
+    matches!(read, Ok(n) if n > 0)
 }
 
 /// The client timeout counts from now.
@@ -257,9 +268,7 @@ async fn exchange(
                     && let Ok(route) = proxy::revision_of(&svc, &rev.revision)
                 {
                     retried = true;
-                    let failed = endpoint.instance_id.clone();
-                    if let Some((g, ep)) = rev.acquire(route, Admission::Retry, Some(&failed)) {
-                        warn!(request_id = %req.request_id, instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(&e), "connect failed; retrying on another instance");
+                    if let Some((g, ep)) = proxy::retry_elsewhere(&rev, route, &endpoint, &e) {
                         guard = g;
                         endpoint = ep;
                         continue;
@@ -282,17 +291,9 @@ async fn exchange(
     };
     rev.record_latency(start.elapsed().as_secs_f64() * 1000.0);
     if head.status == 101 {
-        return Answer(ProxyError::new(
-            StatusCode::BAD_GATEWAY,
-            "bad_upgrade",
-            ErrorSource::Instance,
-            format!(
-                "instance {:?} switched protocols unasked",
-                endpoint.instance_id
-            ),
-        ))
-        .send(&mut client, req)
-        .await;
+        return Answer(ProxyError::bad_upgrade(&endpoint.instance_id))
+            .send(&mut client, req)
+            .await;
     }
 
     let mut framing = head.framing;
@@ -398,34 +399,25 @@ async fn send(
         ubuf.clear();
         match read_head(&mut up, ubuf, req, addr).await {
             Ok(head) => return Ok((up, head)),
-            Err(SendError::Io { source, .. })
-                if reused && req.idempotent && ubuf.is_empty() && nothing_read(&source) => {}
+            Err(SendError::Unanswered { .. }) if reused && req.idempotent => {}
             Err(e) => return Err(e),
         }
     }
 }
 
-/// The connection ended before anything was read (a stale pooled connection).
-fn nothing_read(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-    )
-}
-
-/// Reads until a final response head is in `ubuf` (informational ones are skipped).
+/// Reads until a final response head is in `ubuf` (informational ones are skipped). A
+/// connection that ends (or is reset) before any byte came back is [`SendError::Unanswered`].
 async fn read_head(
     up: &mut TcpStream,
     ubuf: &mut BytesMut,
     req: &Req,
     addr: SocketAddr,
 ) -> Result<Head, SendError> {
-    let mut informational = false;
+    let mut received = false;
     loop {
         match parse_response(ubuf, req) {
             Ok(Some(Response::Informational(n))) => {
                 ubuf.advance(n);
-                informational = true;
                 continue;
             }
             Ok(Some(Response::Final(head))) => return Ok(head),
@@ -442,18 +434,20 @@ async fn read_head(
             ubuf.reserve(UPSTREAM_BUF);
         }
         match up.read_buf(ubuf).await {
+            Ok(0) if !received => return Err(SendError::Unanswered { addr }),
+            Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(SendError::Unanswered { addr });
+            }
             Ok(0) => {
-                let message = if ubuf.is_empty() && !informational {
-                    "the instance closed the connection without answering"
-                } else {
-                    "the instance closed the connection inside the response head"
-                };
                 return Err(SendError::Io {
                     addr,
-                    source: io::Error::new(io::ErrorKind::UnexpectedEof, message),
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the instance closed the connection inside the response head",
+                    ),
                 });
             }
-            Ok(_) => {}
+            Ok(_) => received = true,
             Err(source) => return Err(SendError::Io { addr, source }),
         }
     }

@@ -65,8 +65,8 @@ impl Pooled {
         drive(&mut self.conn, addr, cx)
     }
 
-    fn is_closed(&self) -> bool {
-        self.conn.is_none() || self.sender.is_closed()
+    fn is_open(&self) -> bool {
+        self.conn.is_some() && !self.sender.is_closed()
     }
 }
 
@@ -86,13 +86,13 @@ impl<C> Default for Idle<C> {
 impl<C> Idle<C> {
     /// The most recently idled connection to `addr` that is still `usable` and not too old;
     /// the others met on the way are dropped (closed).
-    fn take(&self, addr: SocketAddr, usable: impl Fn(&mut C) -> bool) -> Option<C> {
+    fn take(&self, addr: SocketAddr, usable: impl Fn(&C) -> bool) -> Option<C> {
         let mut idle = self.map.lock().unwrap();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
         let mut found = None;
-        while let Some((since, mut c)) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && usable(&mut c) {
+        while let Some((since, c)) = list.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && usable(&c) {
                 found = Some(c);
                 break;
             }
@@ -103,10 +103,14 @@ impl<C> Idle<C> {
         found
     }
 
-    fn put(&self, addr: SocketAddr, c: C, usable: impl Fn(&mut C) -> bool) {
+    /// Keeps `c` for reuse. Connections that died while idle are found when taken (or by
+    /// [`Idle::sweep`]); only a full list is searched for them here, to make room.
+    fn put(&self, addr: SocketAddr, c: C, usable: impl Fn(&C) -> bool) {
         let mut idle = self.map.lock().unwrap();
         let list = idle.entry(addr).or_default();
-        list.retain_mut(|(_, c)| usable(c));
+        if list.len() >= MAX_IDLE_PER_ADDR {
+            list.retain(|(_, c)| usable(c));
+        }
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push((Instant::now(), c));
         }
@@ -153,6 +157,10 @@ pub enum SendError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The connection ended (or was reset) before any byte of an answer came back: on a
+    /// reused connection, most likely one the instance had closed while it was idle.
+    #[error("HTTP/1.1 to {addr}: the instance closed or reset the connection without answering")]
+    Unanswered { addr: SocketAddr },
     /// The instance's answer is not HTTP/1.1 the gateway can forward.
     #[error("HTTP/1.1 to {addr}: {message}")]
     Protocol { addr: SocketAddr, message: String },
@@ -280,23 +288,23 @@ impl Pool {
     }
 
     fn take(&self, addr: SocketAddr) -> Option<Pooled> {
-        self.idle.take(addr, |p| !p.is_closed())
+        self.idle.take(addr, Pooled::is_open)
     }
 
     fn put(&self, addr: SocketAddr, p: Pooled) {
-        if !p.is_closed() {
-            self.idle.put(addr, p, |p| !p.is_closed());
+        if p.is_open() {
+            self.idle.put(addr, p, Pooled::is_open);
         }
     }
 
     /// An idle plain connection to `addr` the instance has not closed, if there is one.
     pub fn take_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
-        self.raw.take(addr, |s| idle_socket_open(s))
+        self.raw.take(addr, idle_socket_open)
     }
 
     /// A plain connection whose last response was read to its end, for the next request.
     pub fn put_raw(&self, addr: SocketAddr, s: TcpStream) {
-        self.raw.put(addr, s, |s| idle_socket_open(s));
+        self.raw.put(addr, s, idle_socket_open);
     }
 
     /// Closes idle connections older than [`IDLE_TIMEOUT`]. Nothing polls an idle

@@ -244,9 +244,7 @@ async fn proxy(
                 }
                 if e.is_connect() && retry_possible && !retried {
                     retried = true;
-                    let failed = endpoint.instance_id.clone();
-                    if let Some((g, ep)) = rev.acquire(route, Admission::Retry, Some(&failed)) {
-                        warn!(instance = %failed, retry = %ep.instance_id, error = %crate::error::chain(e.error()), "connect failed; retrying on another instance");
+                    if let Some((g, ep)) = retry_elsewhere(&rev, route, &endpoint, e.error()) {
                         // Free the failed slot only after taking the new one.
                         guard = g;
                         endpoint = ep;
@@ -280,15 +278,7 @@ async fn proxy(
 
     if switching {
         let Some(client_upgrade) = client_upgrade else {
-            return Err(ProxyError::new(
-                StatusCode::BAD_GATEWAY,
-                "bad_upgrade",
-                crate::error::ErrorSource::Instance,
-                format!(
-                    "instance {:?} switched protocols unasked",
-                    endpoint.instance_id
-                ),
-            ));
+            return Err(ProxyError::bad_upgrade(&endpoint.instance_id));
         };
         let mut upstream_resp = Response::from_parts(rparts.clone(), rbody);
         let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
@@ -350,6 +340,19 @@ pub(crate) fn target(
         .ok_or_else(|| ProxyError::no_revision(&service, "no revision receives traffic"))?;
     let rev = shared.revs.get(&service, revision);
     Ok((svc, rev))
+}
+
+/// After a failed connect to `failed`: a slot on another instance of the revision (the caller
+/// frees the failed one only once it has this one).
+pub(crate) fn retry_elsewhere(
+    rev: &Arc<RevState>,
+    route: &RevisionRoute,
+    failed: &Endpoint,
+    error: &(dyn std::error::Error + 'static),
+) -> Option<(InflightGuard, Endpoint)> {
+    let (g, ep) = rev.acquire(route, Admission::Retry, Some(&failed.instance_id))?;
+    warn!(instance = %failed.instance_id, retry = %ep.instance_id, error = %crate::error::chain(error), "connect failed; retrying on another instance");
+    Some((g, ep))
 }
 
 /// How long a request may wait for an instance and its response headers.

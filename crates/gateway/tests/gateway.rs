@@ -1043,6 +1043,14 @@ async fn chunked_trailers_and_informational_responses_pass() -> Result<()> {
     Ok(())
 }
 
+/// A gateway config whose client timeout (300 ms) a test can wait out.
+fn short_client_timeout() -> Config {
+    Config {
+        client_timeout: Duration::from_millis(300),
+        ..Config::default()
+    }
+}
+
 /// Reads until the gateway closes the connection; how long that took.
 async fn closed_after(s: &mut tokio::net::TcpStream) -> Result<Duration> {
     use tokio::io::AsyncReadExt;
@@ -1063,10 +1071,7 @@ async fn idle_and_slow_clients_are_closed_after_the_client_timeout() -> Result<(
     let a = instance("a").await;
     let gw = Gw::start_config(
         table(vec![one("alpha", rev("r1", &[&a]))]),
-        Config {
-            client_timeout: Duration::from_millis(300),
-            ..Config::default()
-        },
+        short_client_timeout(),
     )
     .await;
     let host = gw.host("alpha");
@@ -1135,14 +1140,7 @@ async fn a_client_that_stops_reading_frees_its_instance_slot() -> Result<()> {
     .await;
     let mut r = raw_rev(big);
     r.container_concurrency = 1;
-    let gw = Gw::start_config(
-        table(vec![one("big", r)]),
-        Config {
-            client_timeout: Duration::from_millis(300),
-            ..Config::default()
-        },
-    )
-    .await;
+    let gw = Gw::start_config(table(vec![one("big", r)]), short_client_timeout()).await;
     let mut stalled = tokio::net::TcpStream::connect(gw.addr).await?;
     let host = gw.host("big");
     stalled
