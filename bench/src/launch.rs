@@ -121,7 +121,10 @@ impl Node {
     ) -> Result<Launch> {
         let mut ids = ids.into_iter();
         let mut sent: HashMap<String, Instant> = HashMap::new();
-        let mut out = Launch::default();
+        let mut out = Launch {
+            busy_ms_start: machine_busy_ms(),
+            ..Launch::default()
+        };
         let start = Instant::now();
         let mut exhausted = false;
         loop {
@@ -158,6 +161,8 @@ impl Node {
                     out.ready += 1;
                     out.start_to_ready_ms.push(crate::suites::ms(t.elapsed()));
                     out.elapsed = start.elapsed();
+                    out.ready_at.push(out.elapsed);
+                    out.busy_ms_at.push(machine_busy_ms());
                 }
                 InstanceState::Failed | InstanceState::Stopped => {
                     sent.remove(&s.instance_id);
@@ -198,6 +203,11 @@ pub(crate) struct Launch {
     /// From the first start to the last ready.
     pub elapsed: Duration,
     pub start_to_ready_ms: Vec<f64>,
+    /// When each instance became ready, from the first start, in order.
+    pub ready_at: Vec<Duration>,
+    /// The machine's busy CPU time (ms, /proc/stat) when each became ready, and at the start.
+    pub busy_ms_at: Vec<f64>,
+    pub busy_ms_start: f64,
     /// Why launching stopped before the list ran out.
     pub stopped: Option<String>,
 }
@@ -237,6 +247,39 @@ pub(crate) fn memory_stop() -> Option<String> {
         Some(p) if p > 5.0 => Some(format!("memory pressure: PSI some avg10 = {p}%")),
         _ => None,
     }
+}
+
+/// CPU time all processes of the machine spent busy (user, nice, system, irq, softirq, steal),
+/// in ms, from /proc/stat.
+pub(crate) fn machine_busy_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    // Clock ticks of 10 ms (USER_HZ is 100 on Linux x86).
+    busy * 10.0
+}
+
+/// The last tenth of the launches (0 with fewer than 20): (launches per minute, machine CPU
+/// ms per launch).
+fn last_tenth(out: &Launch) -> (f64, f64) {
+    let n = out.ready_at.len();
+    if n < 20 {
+        return (0.0, 0.0);
+    }
+    let from = n - n / 10;
+    let span = out.ready_at[n - 1].saturating_sub(out.ready_at[from - 1]);
+    let cpu = out.busy_ms_at[n - 1] - out.busy_ms_at[from - 1];
+    (
+        (n - from) as f64 / span.as_secs_f64().max(1e-9) * 60.0,
+        cpu / (n - from) as f64,
+    )
 }
 
 pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, Vec<Row>)> {
@@ -279,6 +322,32 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
             peer_name: None,
             peer: None,
             goal: Some("≥ 3000 /min".into()),
+        },
+        Row {
+            metric: "launches per minute over the last tenth of the run (with the most running)"
+                .into(),
+            unit: "/min".into(),
+            ferry: last_tenth(&outcome).0,
+            peer_name: None,
+            peer: None,
+            goal: None,
+        },
+        Row {
+            metric: "machine CPU time per launch (all processes, /proc/stat)".into(),
+            unit: "ms".into(),
+            ferry: (outcome.busy_ms_at.last().copied().unwrap_or(0.0) - outcome.busy_ms_start)
+                / outcome.ready.max(1) as f64,
+            peer_name: None,
+            peer: None,
+            goal: None,
+        },
+        Row {
+            metric: "machine CPU time per launch over the last tenth".into(),
+            unit: "ms".into(),
+            ferry: last_tenth(&outcome).1,
+            peer_name: None,
+            peer: None,
+            goal: None,
         },
         Row {
             metric: "instances running when launching stopped".into(),

@@ -111,14 +111,12 @@ pub struct Cgroup {
     rel: PathBuf,
 }
 
-/// Usage read from a cgroup.
+/// Usage read from a cgroup: what the per-second sample carries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub cpu_ns: u64,
     pub memory_bytes: u64,
     pub memory_peak_bytes: u64,
-    pub oom_kills: u64,
-    pub throttled: u64,
 }
 
 fn read_u64(p: &Path) -> Option<u64> {
@@ -282,6 +280,8 @@ impl Cgroup {
         Ok(())
     }
 
+    /// CPU time, memory and peak memory: three file reads (v1 and v2 alike), as the agent
+    /// samples every running instance every second.
     pub fn usage(&self) -> Usage {
         let mut u = Usage::default();
         match &self.hierarchy {
@@ -293,22 +293,29 @@ impl Cgroup {
                     u.memory_bytes = read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0);
                     u.memory_peak_bytes =
                         read_u64(&d.join("memory.max_usage_in_bytes")).unwrap_or(0);
-                    u.oom_kills = read_key(&d.join("memory.oom_control"), "oom_kill").unwrap_or(0);
-                }
-                if let Some(d) = self.dir("cpu") {
-                    u.throttled = read_key(&d.join("cpu.stat"), "nr_throttled").unwrap_or(0);
                 }
             }
             Hierarchy::V2(_) => {
                 let d = self.dir("").expect("v2 dir");
                 u.cpu_ns = read_key(&d.join("cpu.stat"), "usage_usec").unwrap_or(0) * 1000;
-                u.throttled = read_key(&d.join("cpu.stat"), "nr_throttled").unwrap_or(0);
                 u.memory_bytes = read_u64(&d.join("memory.current")).unwrap_or(0);
                 u.memory_peak_bytes = read_u64(&d.join("memory.peak")).unwrap_or(u.memory_bytes);
-                u.oom_kills = read_key(&d.join("memory.events"), "oom_kill").unwrap_or(0);
             }
         }
         u
+    }
+
+    /// How many times the kernel's OOM killer acted in the group.
+    pub fn oom_kills(&self) -> u64 {
+        match &self.hierarchy {
+            Hierarchy::V1(_) => self
+                .dir("memory")
+                .and_then(|d| read_key(&d.join("memory.oom_control"), "oom_kill")),
+            Hierarchy::V2(_) => self
+                .dir("")
+                .and_then(|d| read_key(&d.join("memory.events"), "oom_kill")),
+        }
+        .unwrap_or(0)
     }
 
     /// SIGKILLs every process left in the group (v1: from cgroup.procs; v2: cgroup.kill).

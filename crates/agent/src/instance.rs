@@ -32,8 +32,8 @@ use crate::sandbox::ExecTarget as ExecInfo;
 /// The agent's grip on a running instance.
 pub(crate) struct Handle {
     pub stop: mpsc::UnboundedSender<Duration>,
-    /// Cgroup and host veth, once set up (for usage samples).
-    pub sampling: Arc<Mutex<(Option<Cgroup>, Option<String>)>>,
+    /// Cgroup and the host veth's interface index, once set up (for usage samples).
+    pub sampling: Arc<Mutex<(Option<Cgroup>, Option<i32>)>>,
     pub exec: Arc<Mutex<Option<ExecInfo>>>,
 }
 
@@ -357,7 +357,7 @@ async fn probe_once(addr: SocketAddr, probe: &Probe, starting: bool) -> bool {
 }
 
 fn exit_reason(cg: Option<&Cgroup>, code: Option<i32>, signal: Option<i32>) -> ExitReason {
-    if cg.is_some_and(|c| c.usage().oom_kills > 0) {
+    if cg.is_some_and(|c| c.oom_kills() > 0) {
         return ExitReason::OomKilled;
     }
     match (code, signal) {
@@ -494,12 +494,7 @@ async fn supervise(
     };
     let cg = info.cgroup.clone();
     let ip = res.lock().unwrap().ip.expect("ip leased");
-    let veth = res
-        .lock()
-        .unwrap()
-        .net
-        .as_ref()
-        .map(|n| n.host_veth.clone());
+    let veth = res.lock().unwrap().net.as_ref().map(|n| n.host_index);
     let addr = SocketAddr::from((ip, spec.port));
     if let Some(h) = shared.instances.lock().unwrap().get(&id) {
         *h.sampling.lock().unwrap() = (Some(cg.clone()), veth);

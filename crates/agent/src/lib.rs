@@ -337,8 +337,8 @@ impl Agent {
         *self.shared.lock().unwrap() = Some(shared.clone());
         shared.emit(AgentEvent::Node(shared.node_info())).await;
         let tasks = tokio_util::task::TaskTracker::new();
-        let mut tick = tokio::time::interval(shared.config.sample_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let stop_sampling = shutdown.child_token();
+        tasks.spawn(sample_loop(shared.clone(), stop_sampling.clone()));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -346,9 +346,9 @@ impl Agent {
                     let Some(cmd) = cmd else { break };
                     handle_command(&shared, &tasks, cmd).await;
                 }
-                _ = tick.tick() => sample(&shared).await,
             }
         }
+        stop_sampling.cancel();
         // Stop everything still running.
         let handles: Vec<_> = shared
             .instances
@@ -459,32 +459,63 @@ async fn handle_command(
     }
 }
 
-async fn sample(shared: &Arc<Shared>) {
-    let running: Vec<(String, cgroup::Cgroup, Option<String>)> = shared
-        .instances
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|(id, h)| {
-            let s = h.sampling.lock().unwrap();
-            s.0.clone().map(|cg| (id.clone(), cg, s.1.clone()))
-        })
-        .collect();
-    for (id, cg, veth) in running {
-        let u = cg.usage();
-        let (rx, tx) = veth.as_deref().map_or((0, 0), net::counters);
-        shared
-            .emit(AgentEvent::Usage(ResourceSample {
+/// Every `sample_interval`, one [`ResourceSample`] per running instance. Its own task, so
+/// commands are never queued behind it, and the file reads (three cgroup files per instance
+/// and one netlink dump for every veth) run on a blocking thread, not a runtime worker.
+async fn sample_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.sample_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let running: Vec<(String, cgroup::Cgroup, Option<i32>)> = shared
+            .instances
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, h)| {
+                let s = h.sampling.lock().unwrap();
+                s.0.clone().map(|cg| (id.clone(), cg, s.1))
+            })
+            .collect();
+        if running.is_empty() {
+            continue;
+        }
+        let Ok(samples) = tokio::task::spawn_blocking(move || read_samples(running)).await else {
+            continue;
+        };
+        for s in samples {
+            shared.emit(AgentEvent::Usage(s)).await;
+        }
+    }
+}
+
+fn read_samples(running: Vec<(String, cgroup::Cgroup, Option<i32>)>) -> Vec<ResourceSample> {
+    let links = net::link_counters().unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "no network counters in this sample");
+        Default::default()
+    });
+    running
+        .into_iter()
+        .map(|(id, cg, veth)| {
+            let u = cg.usage();
+            // The host end's rx is what the instance sent.
+            let link = veth
+                .and_then(|i| links.get(&i).copied())
+                .unwrap_or_default();
+            ResourceSample {
                 instance_id: id,
                 at_ms: instance::now_ms(),
                 cpu_usage_ns: u.cpu_ns,
                 memory_current_bytes: u.memory_bytes,
                 memory_peak_bytes: u.memory_peak_bytes,
-                net_rx_bytes: rx,
-                net_tx_bytes: tx,
-            }))
-            .await;
-    }
+                net_rx_bytes: link.tx,
+                net_tx_bytes: link.rx,
+            }
+        })
+        .collect()
 }
 
 /// Whether `path` is on the agent's data dir (helper for tests checking cleanup).

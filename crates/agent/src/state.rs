@@ -196,6 +196,8 @@ pub fn recover(data_dir: &Path, hierarchy: &Hierarchy, net_cfg: &NetConfig) -> R
             let n = InstanceNet {
                 ip: rec.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
                 host_veth: rec.veth.clone(),
+                // Teardown goes by name.
+                host_index: 0,
                 no_outbound: !rec.outbound && rec.ip.is_some(),
             };
             match net::teardown_instance(&n) {

@@ -10,6 +10,7 @@ use ferry_api::agent::{AgentCommand, ExitReason, InstanceState};
 use ferry_api::{Cpu, Memory};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
@@ -282,6 +283,69 @@ async fn start_to_ready_median() -> Result<()> {
         times[times.len() - 1]
     );
     assert!(times[times.len() / 2] < Duration::from_secs(2));
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The per-second usage sample of a running instance carries its CPU time, memory, peak
+/// memory and the bytes through its veth, each seen from inside the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_samples_measure_the_instance() -> Result<()> {
+    if testapp().is_none() || !is_root() {
+        return Ok(());
+    }
+    let mut node = Node::start(9).await?;
+    let id = "svc-00001-usage";
+    let addr = node.start_ready(node.spec(id)).await?;
+    get_json(addr, "/cpu?ms=300").await?;
+    get_json(addr, "/alloc?mib=48").await?;
+    get_json(addr, "/free").await?;
+    let (code, body) = get(addr, "/stream?chunks=32&bytes=65536").await?;
+    assert_eq!((code, body.len()), (200, 2 << 20));
+    // 300 kB in and back out.
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    let body = vec![b'x'; 300_000];
+    c.write_all(
+        format!(
+            "POST /echo HTTP/1.0\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    c.write_all(&body).await?;
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut echoed)).await??;
+    assert!(
+        echoed.len() > body.len(),
+        "echo answered {} bytes",
+        echoed.len()
+    );
+    let done = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let e = tokio::time::timeout_at(deadline, node.events.recv())
+            .await
+            .context("no usage sample after the requests")?
+            .context("events closed")?;
+        if let ferry_api::agent::AgentEvent::Usage(s) = e
+            && s.instance_id == id
+            && s.at_ms > done
+        {
+            break s;
+        }
+    };
+    eprintln!("{s:?}");
+    assert!(s.cpu_usage_ns >= 250_000_000, "{s:?}");
+    assert!(s.memory_current_bytes > 0, "{s:?}");
+    assert!(s.memory_peak_bytes >= 48 << 20, "{s:?}");
+    assert!(s.memory_peak_bytes >= s.memory_current_bytes, "{s:?}");
+    assert!(s.net_tx_bytes >= (2 << 20) + 300_000, "{s:?}");
+    assert!(s.net_rx_bytes >= 300_000, "{s:?}");
+    assert!(s.net_rx_bytes < s.net_tx_bytes, "{s:?}");
+    node.stop(id).await?;
     node.shutdown().await;
     Ok(())
 }
