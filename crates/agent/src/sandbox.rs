@@ -632,12 +632,8 @@ const CHILD_STACK: usize = 512 << 10;
 /// What the sandbox child reads, in the agent's memory (the child shares it until exec).
 struct ChildArgs {
     plan: std::sync::Arc<Plan>,
-    report: OwnedFd,
-    go: OwnedFd,
-    out: OwnedFd,
-    err: OwnedFd,
-    alive: OwnedFd,
-    keep: [RawFd; 5],
+    /// The child's pipe ends, by the numbers the child sees: report, go, out, err, alive.
+    fds: [RawFd; 5],
 }
 
 /// An anonymous stack mapping with a guard page at its low end.
@@ -690,19 +686,16 @@ unsafe impl Send for ChildStack {}
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the ChildArgs the cloning thread keeps alive until we exec or exit.
     let a = unsafe { &*(arg as *const ChildArgs) };
+    let [report, go, out, err, alive] = a.fds;
     // Keep only our ends: the agent's ends (so that the agent dying before `release` shows up
     // as EOF) and every other fd (other sandboxes' pipes) go.
-    if let Err(e) = sys::close_all_except(&a.keep) {
-        fail(a.report.as_raw_fd(), STEP_FDS, e);
+    let mut keep = a.fds;
+    keep.sort_unstable();
+    if let Err(e) = sys::close_all_except(&keep) {
+        fail(report, STEP_FDS, e);
     }
-    let _ = sys::write_all(a.alive.as_raw_fd(), b"a");
-    child_main(
-        &a.plan,
-        a.report.as_raw_fd(),
-        a.go.as_raw_fd(),
-        a.out.as_raw_fd(),
-        a.err.as_raw_fd(),
-    )
+    let _ = sys::write_all(alive, b"a");
+    child_main(&a.plan, report, go, out, err)
 }
 
 /// Clones the sandbox child. It sets up its mounts and then waits for [`Spawned::release`].
@@ -730,24 +723,21 @@ pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
         unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, LOG_PIPE_BYTES) };
     }
     let (alive_r, alive_w) = pipe()?;
-    let mut keep = [
-        report_w.as_raw_fd(),
-        go_r.as_raw_fd(),
-        out_w.as_raw_fd(),
-        err_w.as_raw_fd(),
-        alive_w.as_raw_fd(),
-    ];
-    keep.sort_unstable();
     let steps = plan.ops.iter().map(|(_, d)| d.clone()).collect();
-    let args = Box::new(ChildArgs {
+    let ends = [report_w, go_r, out_w, err_w, alive_w];
+    let mut args = Box::new(ChildArgs {
         plan,
-        report: report_w,
-        go: go_r,
-        out: out_w,
-        err: err_w,
-        alive: alive_w,
-        keep,
+        fds: ends.each_ref().map(|f| f.as_raw_fd()),
     });
+    // With a private table the cloning thread takes copies of the child's ends and says so;
+    // the originals are closed here then. Otherwise the child copies the whole table at the
+    // clone and the cloning thread closes the originals once the clone returns.
+    let private = sys::private_fd_tables();
+    let (mut here, mut there) = (Some(ends), None);
+    if !private {
+        there = here.take();
+    }
+    let (copied_tx, copied_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let os = |what: &'static str| move |e: std::io::Error| SandboxError::Os { what, source: e };
     let stack = ChildStack::new(CHILD_STACK).map_err(os("child stack"))?;
     let pid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
@@ -755,6 +745,12 @@ pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
     let cloner = std::thread::Builder::new()
         .name("sandbox-clone".into())
         .spawn(move || -> Result<(), i32> {
+            if private {
+                let r = sys::private_fd_table(&mut args.fds);
+                let _ = copied_tx.send(());
+                // This thread's copies go with it (its table is its own).
+                r?;
+            }
             // SAFETY: sigset_t values filled by sigfillset before use; pthread_sigmask only
             // changes this thread's mask.
             let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -786,10 +782,21 @@ pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
             unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
             // The child has exec'd or exited: its stack and arguments (and our copies of its
             // pipe ends, so `release` sees EOF on exec) can go.
-            drop((stack, args));
+            if private {
+                for fd in args.fds {
+                    // SAFETY: closing this thread's own copies, made above.
+                    unsafe { libc::close(fd) };
+                }
+            }
+            drop((stack, args, there));
             if r < 0 { Err(e) } else { Ok(()) }
         })
         .map_err(os("sandbox clone thread"))?;
+    if private {
+        // Sent, or the thread ended without sending: either way it holds its copies or none.
+        let _ = copied_rx.recv();
+        drop(here.take());
+    }
     let mut byte = [0u8; 1];
     // SAFETY: reading one byte into a stack buffer.
     let n = loop {
