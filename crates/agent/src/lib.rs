@@ -22,6 +22,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod state;
 mod sys;
+pub use sys::PID_MAX;
 pub mod unpack;
 
 pub use image::{
@@ -267,6 +268,16 @@ impl Agent {
         match sys::raise_nofile() {
             Ok(n) => tracing::debug!(limit = n, "open-file limit of the agent"),
             Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
+        }
+        match sys::raise_pid_max() {
+            Ok((before, after)) if before != after => {
+                tracing::info!(before, after, "kernel.pid_max raised")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "kernel.pid_max could not be raised: instances' threads share its pids"
+            ),
         }
         let netcfg = cfg.net.clone();
         tokio::task::spawn_blocking(move || net::setup_host(&netcfg))

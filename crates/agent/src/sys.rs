@@ -515,6 +515,28 @@ fn close_range(lo: u32, hi: u32) -> SysResult {
     if r < 0 { Err(errno()) } else { Ok(()) }
 }
 
+/// What the agent raises the host's `kernel.pid_max` to: the kernel's ceiling on 64-bit, which
+/// systemd also sets at boot.
+pub const PID_MAX: u64 = 1 << 22;
+
+/// Raises `kernel.pid_max` to [`PID_MAX`] when it is lower (never lowers it). Every thread of
+/// every instance takes a pid: at the kernel's default of 32,768 (machines with up to 32 CPUs)
+/// a node with a few thousand instances of a few threads each runs out, and starts fail with
+/// EAGAIN from clone. Returns the value before and after; an error when it cannot be read or
+/// written (no such file in a container's read-only /proc/sys, no privilege).
+pub fn raise_pid_max() -> std::io::Result<(u64, u64)> {
+    let path = "/proc/sys/kernel/pid_max";
+    let cur: u64 = std::fs::read_to_string(path)?
+        .trim()
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if cur >= PID_MAX {
+        return Ok((cur, cur));
+    }
+    std::fs::write(path, PID_MAX.to_string())?;
+    Ok((cur, PID_MAX))
+}
+
 /// The open-file limit (soft, hard) instances get: what the agent's process had before it
 /// raised its own ([`raise_nofile`]). Set once, before any child is spawned; a child only
 /// reads it.
