@@ -268,7 +268,9 @@ async fn exchange(
                     && let Ok(route) = proxy::revision_of(&svc, &rev.revision)
                 {
                     retried = true;
-                    if let Some((g, ep)) = proxy::retry_elsewhere(&rev, route, &endpoint, &e) {
+                    if let Some((g, ep)) =
+                        proxy::retry_elsewhere(&rev, route, &endpoint, &e, &req.request_id)
+                    {
                         guard = g;
                         endpoint = ep;
                         continue;

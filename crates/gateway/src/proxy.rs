@@ -244,7 +244,13 @@ async fn proxy(
                 }
                 if e.is_connect() && retry_possible && !retried {
                     retried = true;
-                    if let Some((g, ep)) = retry_elsewhere(&rev, route, &endpoint, e.error()) {
+                    if let Some((g, ep)) = retry_elsewhere(
+                        &rev,
+                        route,
+                        &endpoint,
+                        e.error(),
+                        request_id.to_str().unwrap_or_default(),
+                    ) {
                         // Free the failed slot only after taking the new one.
                         guard = g;
                         endpoint = ep;
@@ -349,9 +355,10 @@ pub(crate) fn retry_elsewhere(
     route: &RevisionRoute,
     failed: &Endpoint,
     error: &(dyn std::error::Error + 'static),
+    request_id: &str,
 ) -> Option<(InflightGuard, Endpoint)> {
     let (g, ep) = rev.acquire(route, Admission::Retry, Some(&failed.instance_id))?;
-    warn!(instance = %failed.instance_id, retry = %ep.instance_id, error = %crate::error::chain(error), "connect failed; retrying on another instance");
+    warn!(request_id, instance = %failed.instance_id, retry = %ep.instance_id, error = %crate::error::chain(error), "connect failed; retrying on another instance");
     Some((g, ep))
 }
 
