@@ -710,7 +710,30 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
 /// handler of the agent runs on its side (it resets them and unblocks before exec). The
 /// kernel writes the child's pid into `pid` before the child runs; the child then says it is
 /// alive on a pipe, and this function returns while the child waits for `release`.
+///
+/// The cloning thread gives itself a private descriptor table first where the kernel allows
+/// ([`FdTable::Private`]; see [`spawn_with`]).
 pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
+    let table = if sys::private_fd_tables() {
+        FdTable::Private
+    } else {
+        FdTable::Copied
+    };
+    spawn_with(plan, table)
+}
+
+/// Which descriptor table the sandbox child is cloned from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdTable {
+    /// A table of the cloning thread's own holding only the child's pipe ends (Linux 5.9+:
+    /// `close_range(CLOSE_RANGE_UNSHARE)` and `pidfd_getfd`).
+    Private,
+    /// The process's whole table, copied by the clone; the child closes all but its ends.
+    Copied,
+}
+
+/// [`spawn`] with the descriptor table chosen by the caller (tests run both).
+pub fn spawn_with(plan: std::sync::Arc<Plan>, table: FdTable) -> Result<Spawned, SandboxError> {
     let (report_r, report_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
@@ -732,7 +755,7 @@ pub fn spawn(plan: std::sync::Arc<Plan>) -> Result<Spawned, SandboxError> {
     // With a private table the cloning thread takes copies of the child's ends and says so;
     // the originals are closed here then. Otherwise the child copies the whole table at the
     // clone and the cloning thread closes the originals once the clone returns.
-    let private = sys::private_fd_tables();
+    let private = table == FdTable::Private;
     let (mut here, mut there) = (Some(ends), None);
     if !private {
         there = here.take();

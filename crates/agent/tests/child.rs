@@ -36,6 +36,17 @@ fn wait_timeout(pid: i32, limit: Duration) -> Option<(Option<i32>, Option<i32>)>
 
 #[test]
 fn sandbox_children_do_not_hold_each_others_pipes() -> Result<()> {
+    siblings(sandbox::FdTable::Private)
+}
+
+/// The same with the clone copying the whole table (kernels before 5.9).
+#[test]
+fn sandbox_children_do_not_hold_each_others_pipes_with_a_copied_table() -> Result<()> {
+    siblings(sandbox::FdTable::Copied)
+}
+
+fn siblings(table: sandbox::FdTable) -> Result<()> {
+    let spawn = |plan: &std::sync::Arc<sandbox::Plan>| sandbox::spawn_with(plan.clone(), table);
     let Some(bin) = testapp() else { return Ok(()) };
     if !is_root() {
         return Ok(());
@@ -58,8 +69,8 @@ fn sandbox_children_do_not_hold_each_others_pipes() -> Result<()> {
             rootfs_with_testapp(&dc, &layer)?,
             "c",
         ))?);
-        let a = sandbox::spawn(plan_a.clone())?;
-        let b = sandbox::spawn(plan_b.clone())?;
+        let a = spawn(&plan_a)?;
+        let b = spawn(&plan_b)?;
         // `a`'s agent side goes away before releasing it: `a` must see EOF and exit, although
         // `b` (cloned later, still waiting for its own release) exists.
         let pid_a = a.pid;
@@ -67,8 +78,8 @@ fn sandbox_children_do_not_hold_each_others_pipes() -> Result<()> {
         let st = wait_timeout(pid_a, Duration::from_secs(10));
         // Releasing `c` must not wait for `b` to exec either (it would if `b` held `c`'s
         // report pipe).
-        let c = sandbox::spawn(plan_c.clone())?;
-        let b2 = sandbox::spawn(plan_b.clone())?; // another sibling cloned after `c`
+        let c = spawn(&plan_c)?;
+        let b2 = spawn(&plan_b)?; // another sibling cloned after `c`
         let pid_c = c.pid;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
