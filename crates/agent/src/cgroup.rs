@@ -29,7 +29,22 @@ pub enum Hierarchy {
     V2(PathBuf),
 }
 
+/// The CPU quota's period for allocations of 10m and more.
 pub const PERIOD_US: u64 = 100_000;
+/// The kernel refuses a quota under 1 ms (EINVAL) and a period over 1 s.
+const MIN_QUOTA_US: u64 = 1_000;
+const MAX_PERIOD_US: u64 = 1_000_000;
+
+/// (period, quota) in µs for `millis` of CPU: 100 ms periods, or longer ones for allocations
+/// under 10m, whose quota would otherwise be under the kernel's 1 ms minimum (5m gets 1 ms
+/// every 200 ms, 1m 1 ms every second). `millis` is at least 1 (the API's minimum).
+pub fn cpu_period_quota(millis: u32) -> (u64, u64) {
+    let m = u64::from(millis.max(1));
+    let period = (MIN_QUOTA_US * 1000)
+        .div_ceil(m)
+        .clamp(PERIOD_US, MAX_PERIOD_US);
+    (period, m * period / 1000)
+}
 const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids"];
 
 impl Hierarchy {
@@ -60,16 +75,12 @@ pub struct Limits {
 
 /// What to write where, for a given hierarchy: pure, so it can be tested without a kernel.
 pub fn limit_writes(h: &Hierarchy, l: &Limits) -> Vec<(String, String, String)> {
-    let quota = u64::from(l.cpu_millis) * PERIOD_US / 1000;
+    let (period, quota) = cpu_period_quota(l.cpu_millis);
     let mut w = Vec::new();
     match h {
         Hierarchy::V1(_) => {
             let shares = (u64::from(l.cpu_millis) * 1024 / 1000).max(2);
-            w.push((
-                "cpu".into(),
-                "cpu.cfs_period_us".into(),
-                PERIOD_US.to_string(),
-            ));
+            w.push(("cpu".into(), "cpu.cfs_period_us".into(), period.to_string()));
             if l.cpu_millis > 0 {
                 w.push(("cpu".into(), "cpu.cfs_quota_us".into(), quota.to_string()));
             }
@@ -89,9 +100,9 @@ pub fn limit_writes(h: &Hierarchy, l: &Limits) -> Vec<(String, String, String)> 
         }
         Hierarchy::V2(_) => {
             let max = if l.cpu_millis > 0 {
-                format!("{quota} {PERIOD_US}")
+                format!("{quota} {period}")
             } else {
-                format!("max {PERIOD_US}")
+                format!("max {period}")
             };
             let weight = (u64::from(l.cpu_millis) * 100 / 1000).clamp(1, 10_000);
             w.push(("".into(), "cpu.max".into(), max));
@@ -536,8 +547,16 @@ mod tests {
         #[test]
         fn quota_matches_millicores(m in 1u32..64_000) {
             let w = limit_writes(&Hierarchy::V1(vec![]), &Limits { cpu_millis: m, memory_bytes: 1, pids: 1 });
-            let q: u64 = w.iter().find(|x| x.1 == "cpu.cfs_quota_us").unwrap().2.parse().unwrap();
-            proptest::prop_assert_eq!(q * 1000 / PERIOD_US, u64::from(m));
+            let get = |f: &str| -> u64 { w.iter().find(|x| x.1 == f).unwrap().2.parse().unwrap() };
+            let (q, p) = (get("cpu.cfs_quota_us"), get("cpu.cfs_period_us"));
+            // What the kernel accepts: a quota of 1 ms or more, a period of 1 ms to 1 s.
+            proptest::prop_assert!(q >= 1_000, "quota {} for {}m", q, m);
+            proptest::prop_assert!((1_000..=1_000_000).contains(&p), "period {} for {}m", p, m);
+            // The share of a CPU, to the nearest millicore.
+            proptest::prop_assert_eq!((q * 1000 + p / 2) / p, u64::from(m));
+            if m >= 10 {
+                proptest::prop_assert_eq!(p, PERIOD_US);
+            }
         }
     }
 }

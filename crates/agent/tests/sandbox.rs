@@ -354,3 +354,24 @@ async fn usage_samples_measure_the_instance() -> Result<()> {
     node.shutdown().await;
     Ok(())
 }
+
+/// An allocation under 10m still starts: its quota would be under the kernel's 1 ms minimum at
+/// the usual 100 ms period (EINVAL, every start failed), so the period is longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_cpu_allocation_starts() -> Result<()> {
+    if testapp().is_none() || !is_root() {
+        return Ok(());
+    }
+    let mut node = Node::start(10).await?;
+    let id = "svc-00001-tiny";
+    let mut spec = node.spec(id);
+    spec.cpu = Cpu(5);
+    let addr = node.start_ready(spec).await?;
+    let cg = get_json(addr, "/cgroup").await?;
+    assert_eq!(cg["cpu_quota_us"], 1000, "{cg}");
+    assert_eq!(cg["cpu_period_us"], 200_000, "{cg}");
+    assert_eq!(cg["cpu_limit_millicores"], 5, "{cg}");
+    node.stop(id).await?;
+    node.shutdown().await;
+    Ok(())
+}
