@@ -32,6 +32,11 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start() -> Result<TestCluster> {
+        TestCluster::start_configured(|_| {}).await
+    }
+
+    /// [`TestCluster::start`] with daemon settings changed by `configure` first.
+    pub async fn start_configured(configure: impl FnOnce(&mut DaemonArgs)) -> Result<TestCluster> {
         // Bridge and subnet unique per cluster, and per process: test binaries of different
         // checkouts may run side by side on one machine. 16 clusters a process before the
         // names come round again (the e2e binary starts 7, up to 4 at a time; with 6 a
@@ -50,6 +55,8 @@ impl TestCluster {
             subnet: Some(format!("10.{}.{}.1/24", 200 + n / 256, n % 256)),
             ..Default::default()
         };
+        let mut args = args;
+        configure(&mut args);
         TestCluster::start_with(dir, args).await
     }
 

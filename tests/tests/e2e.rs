@@ -405,3 +405,64 @@ async fn sigterm_then_sigkill_after_the_grace() -> Result<()> {
     assert!(l2.contains("got SIGTERM, draining"), "{l2}");
     c.stop().await
 }
+
+/// `--cpu-overcommit`: a node hands out its cores times the factor, so more vCPU of instances
+/// than it has cores run at once; without it the same service cannot place them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cpu_overcommit_places_more_vcpu_than_cores() -> Result<()> {
+    let cores = std::thread::available_parallelism()?.get() as u64;
+    let c = TestCluster::start_configured(|a| a.cpu_overcommit = Some(3.0)).await?;
+    let nodes: Vec<Value> = c
+        .http
+        .get(format!("{}/v1/nodes", c.api))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        nodes[0]["cpu_allocatable"],
+        json!(cores * 3000),
+        "{nodes:?}"
+    );
+    let image = c.push_testapp("testapp", "v1").await?;
+    // Twice the cores in whole vCPUs, each instance with its own 1-vCPU limit.
+    let want = (cores * 2) as usize;
+    let spec = json!({ "image": image, "cpu": "1", "memory": "64Mi",
+                       "min_instances": want, "max_instances": want });
+    c.deploy("packed", &spec).await?;
+    c.wait_for("every instance ready", Duration::from_secs(60), || async {
+        Ok(ready(&c, "packed").await? == want)
+    })
+    .await?;
+    let failure = c.service("packed").await?.last_failure;
+    assert_eq!(failure, None);
+    c.stop().await?;
+
+    // The default: the node offers its cores once, and says so when it is full.
+    let c = TestCluster::start().await?;
+    let image = c.push_testapp("testapp", "v1").await?;
+    let spec = json!({ "image": image, "cpu": "1", "memory": "64Mi",
+                       "min_instances": want, "max_instances": want });
+    c.deploy("packed", &spec).await?;
+    c.wait_for("a placement failure", Duration::from_secs(60), || async {
+        let failure = c.service("packed").await?.last_failure;
+        Ok(failure.is_some_and(|f| f.contains("no node has 1 CPU")))
+    })
+    .await?;
+    c.wait_for(
+        "the instances that fit",
+        Duration::from_secs(60),
+        || async { Ok(ready(&c, "packed").await? == cores as usize) },
+    )
+    .await?;
+    assert_eq!(c.live_instances("packed").await?, cores as usize);
+    c.stop().await
+}
+
+async fn ready(c: &TestCluster, service: &str) -> Result<usize> {
+    Ok(c.instances(service)
+        .await?
+        .iter()
+        .filter(|i| i.state == ferry_api::agent::InstanceState::Ready)
+        .count())
+}

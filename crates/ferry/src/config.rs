@@ -11,6 +11,8 @@ pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7070";
 pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_REGISTRY_ADDR: &str = "127.0.0.1:5000";
 pub const DEFAULT_DOMAIN: &str = "localhost";
+/// The largest `--cpu-overcommit`.
+pub const MAX_CPU_OVERCOMMIT: f64 = 100.0;
 
 /// Flags shared by the daemon modes. Each is also read from `FERRY_*` and from the config file.
 #[derive(Args, Debug, Clone, Default)]
@@ -50,6 +52,11 @@ pub struct DaemonArgs {
     /// its cgroup does not wait for an RCU grace period (docs/agent.md) [default: true]
     #[arg(long, env = "FERRY_CGROUP_FAVORDYNMODS", value_name = "BOOL")]
     pub cgroup_favordynmods: Option<bool>,
+    /// How many times its cores a node hands out as instances' CPU: with 4, a 2-core node
+    /// places up to 8 vCPU of instances (each still limited to its own allocation). Memory is
+    /// never overcommitted [default: 1]
+    #[arg(long, env = "FERRY_CPU_OVERCOMMIT", value_name = "FACTOR")]
+    pub cpu_overcommit: Option<f64>,
     /// Registry basic-auth user as `name:password` (repeatable); turns registry auth on
     #[arg(
         long = "registry-user",
@@ -81,6 +88,7 @@ struct FileConfig {
     subnet: Option<String>,
     price_plan: Option<PathBuf>,
     cgroup_favordynmods: Option<bool>,
+    cpu_overcommit: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +118,8 @@ pub struct Settings {
     pub subnet_prefix: u8,
     pub price_plan: Option<PathBuf>,
     pub cgroup_favordynmods: bool,
+    /// Node CPU handed out per core (1 to 100).
+    pub cpu_overcommit: f64,
 }
 
 impl DaemonArgs {
@@ -159,6 +169,13 @@ impl DaemonArgs {
             .with_context(|| {
                 format!("subnet {subnet:?}: expected an address and prefix like 10.88.0.1/16")
             })?;
+        let cpu_overcommit = self.cpu_overcommit.or(file.cpu_overcommit).unwrap_or(1.0);
+        if !(1.0..=MAX_CPU_OVERCOMMIT).contains(&cpu_overcommit) {
+            anyhow::bail!(
+                "cpu overcommit {cpu_overcommit}: must be between 1 and {MAX_CPU_OVERCOMMIT} \
+                 (how many times its cores a node hands out)"
+            );
+        }
         let node_name = match self.node_name.clone().or(file.node_name) {
             Some(n) => n,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -183,6 +200,7 @@ impl DaemonArgs {
                 .cgroup_favordynmods
                 .or(file.cgroup_favordynmods)
                 .unwrap_or(true),
+            cpu_overcommit,
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
             registry_addr: addr(
@@ -251,5 +269,25 @@ mod tests {
         std::fs::write(&cfg, "datadir = \"x\"\n").unwrap();
         let err = format!("{:#}", args.resolve().unwrap_err());
         assert!(err.contains("datadir"), "{err}");
+    }
+
+    #[test]
+    fn cpu_overcommit_defaults_to_one_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ferry.toml");
+        std::fs::write(&cfg, "cpu_overcommit = 4.0\n").unwrap();
+        assert_eq!(DaemonArgs::default().resolve().unwrap().cpu_overcommit, 1.0);
+        let mut args = DaemonArgs {
+            config: Some(cfg),
+            ..Default::default()
+        };
+        assert_eq!(args.resolve().unwrap().cpu_overcommit, 4.0);
+        args.cpu_overcommit = Some(2.5);
+        assert_eq!(args.resolve().unwrap().cpu_overcommit, 2.5);
+        for bad in [0.5, 0.0, -1.0, 101.0, f64::NAN, f64::INFINITY] {
+            args.cpu_overcommit = Some(bad);
+            let err = format!("{:#}", args.resolve().unwrap_err());
+            assert!(err.contains("cpu overcommit"), "{bad}: {err}");
+        }
     }
 }

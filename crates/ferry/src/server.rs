@@ -99,7 +99,7 @@ impl Platform {
 
         let mut agent =
             ferry_agent::Config::new(data_dir.join("agent"), settings.node_name.clone());
-        let (cpu, memory) = host_allocatable();
+        let (cpu, memory) = host_allocatable(settings.cpu_overcommit);
         agent.cpu_allocatable = cpu;
         agent.cgroup_favor_dynmods = settings.cgroup_favordynmods;
         agent.memory_allocatable = memory;
@@ -206,8 +206,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 /// What this host offers instances: every CPU, and its memory less a quarter kept for the host.
-fn host_allocatable() -> (Cpu, Memory) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+/// What this node offers instances: its cores times `cpu_overcommit`, and three quarters of
+/// its memory.
+fn host_allocatable(cpu_overcommit: f64) -> (Cpu, Memory) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpu = (cpus * 1000.0 * cpu_overcommit).min(f64::from(u32::MAX)) as u32;
     let total = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -216,5 +219,5 @@ fn host_allocatable() -> (Cpu, Memory) {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(2 << 30, |kib| kib * 1024);
-    (Cpu(cpus * 1000), Memory(total / 4 * 3))
+    (Cpu(cpu), Memory(total / 4 * 3))
 }
