@@ -267,13 +267,29 @@ fn start_blocking(
     let spawned = sandbox::spawn(Arc::new(plan)).map_err(|e| e.to_string())?;
     let pid = spawned.pid;
     let (exit_tx, exit_rx) = oneshot::channel();
-    if let Err(e) = std::thread::Builder::new()
-        .name(format!("wait-{pid}"))
-        .spawn(move || {
-            let r = sandbox::wait(pid).unwrap_or((None, None));
-            let _ = exit_tx.send(r);
-        })
-    {
+    // The exit is watched through a pidfd on the runtime: no thread per instance (there was
+    // one blocked in waitpid for each, ~80 KiB of the process's memory and a pid apiece).
+    // Without pidfds (Linux < 5.3) or outside a runtime, a thread waits as before.
+    let watched = match (sandbox::pidfd(pid), tokio::runtime::Handle::try_current()) {
+        (Ok(fd), Ok(rt)) => {
+            rt.spawn(async move {
+                let r = sandbox::wait_pidfd(fd).await.unwrap_or_else(|e| {
+                    tracing::warn!(pid, error = %e, "waiting for an instance's exit");
+                    (None, None)
+                });
+                let _ = exit_tx.send(r);
+            });
+            Ok(())
+        }
+        _ => std::thread::Builder::new()
+            .name(format!("wait-{pid}"))
+            .spawn(move || {
+                let r = sandbox::wait(pid).unwrap_or((None, None));
+                let _ = exit_tx.send(r);
+            })
+            .map(drop),
+    };
+    if let Err(e) = watched {
         // Nobody would reap the child: do it here.
         let _ = crate::sys::kill(pid, libc::SIGKILL);
         let _ = sandbox::wait(pid);

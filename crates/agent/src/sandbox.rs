@@ -1369,6 +1369,70 @@ pub fn wait(pid: libc::pid_t) -> std::io::Result<(Option<i32>, Option<i32>)> {
     }
 }
 
+/// A pidfd of the child `pid` (Linux 5.3+), for [`wait_pidfd`].
+pub fn pidfd(pid: libc::pid_t) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall on integers; the fd is owned right after.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits for the child behind `pidfd` to end and reaps it, without a thread: the runtime
+/// watches the pidfd, readable once the process has exited, and `waitid(P_PIDFD)` (Linux 5.4+)
+/// then collects it. (code, signal) as [`wait`] gives them. A runtime that cannot watch the
+/// fd leaves the wait to a blocking thread.
+pub async fn wait_pidfd(pidfd: OwnedFd) -> std::io::Result<(Option<i32>, Option<i32>)> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open while it is registered.
+    match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+        Ok(afd) => {
+            let _ready = afd.readable().await?;
+            reap_pidfd(afd.get_ref())
+        }
+        Err(e) => {
+            let (pidfd, cause) = e.into_parts();
+            tracing::debug!(error = %cause, "pidfd not watched; waiting on a blocking thread");
+            tokio::task::spawn_blocking(move || reap_pidfd(&pidfd))
+                .await
+                .map_err(std::io::Error::other)?
+        }
+    }
+}
+
+/// `waitid(P_PIDFD, WEXITED)`: blocks until the process has exited, then reaps it.
+fn reap_pidfd(pidfd: &OwnedFd) -> std::io::Result<(Option<i32>, Option<i32>)> {
+    const P_PIDFD: libc::idtype_t = 3;
+    loop {
+        // SAFETY: waitid writes a siginfo_t into a zeroed local.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: for a WEXITED result the kernel filled si_status.
+        let status = unsafe { info.si_status() };
+        return Ok(match info.si_code {
+            libc::CLD_EXITED => (Some(status), None),
+            libc::CLD_KILLED | libc::CLD_DUMPED => (None, Some(status)),
+            _ => (None, None),
+        });
+    }
+}
+
 /// The path of a namespace of `pid`.
 pub fn ns_path(pid: libc::pid_t, ns: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/ns/{ns}"))

@@ -20,6 +20,12 @@ async fn starts_serves_env_and_stops_cleanly() -> Result<()> {
     let mut node = Node::start(1).await?;
     let id = "svc-00001-basic";
     let addr = node.start_ready(node.spec(id)).await?;
+    // Its exit is watched through a pidfd on the runtime, not by a thread of its own.
+    let waiters: Vec<String> = std::fs::read_dir("/proc/self/task")?
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("wait-"))
+        .collect();
+    assert!(waiters.is_empty(), "waiter threads: {waiters:?}");
     // The agent raised the host's pid ceiling (instances' threads take pids).
     let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")?
         .trim()
