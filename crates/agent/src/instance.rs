@@ -218,7 +218,7 @@ fn start_blocking(
     spec: &InstanceSpec,
     image: &crate::image::PreparedImage,
     res: &Arc<Mutex<Resources>>,
-    log: &Arc<Mutex<std::fs::File>>,
+    log: &Arc<crate::logs::LogFile>,
 ) -> Result<(Started, ExecInfo), String> {
     let id = &spec.instance_id;
     let dir = crate::instance_dir(&shared.config.data_dir, id);
@@ -480,12 +480,8 @@ async fn supervise(
         }
     };
     let log_path = shared.log_path(&id);
-    let log = match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-    {
-        Ok(f) => Arc::new(Mutex::new(f)),
+    let log = match crate::logs::LogFile::create(&log_path) {
+        Ok(f) => f,
         Err(e) => {
             return (
                 End::Failed(ExitReason::StartError {

@@ -14,12 +14,69 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The pause after a round: the most a line waits before it reaches the log.
 const GATHER: Duration = Duration::from_millis(5);
+/// A log file nothing was written to for this long is closed (reopened at the next line).
+const IDLE_CLOSE: Duration = Duration::from_secs(10);
+/// How often the thread looks for such files, at the latest.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// An instance's log file, open only while the instance writes to it: an idle instance costs
+/// the agent no descriptor for its log (thousands of idle instances otherwise held thousands
+/// of files open, a quarter of the agent's descriptors; docs/agent.md).
+pub(crate) struct LogFile {
+    path: PathBuf,
+    open: Mutex<Option<(File, Instant)>>,
+}
+
+impl LogFile {
+    /// Creates the file (or keeps what it holds) and closes it again.
+    pub(crate) fn create(path: &Path) -> std::io::Result<Arc<LogFile>> {
+        open_append(path)?;
+        Ok(Arc::new(LogFile {
+            path: path.to_path_buf(),
+            open: Mutex::new(None),
+        }))
+    }
+
+    fn write(&self, data: &[u8]) -> std::io::Result<()> {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let f = match g.take() {
+            Some((f, _)) => f,
+            None => open_append(&self.path)?,
+        };
+        let r = (&f).write_all(data);
+        *g = Some((f, Instant::now()));
+        r
+    }
+
+    /// Closes the file if nothing was written to it for `idle`.
+    fn close_if_idle(&self, now: Instant, idle: Duration) {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if g.as_ref()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= idle)
+        {
+            *g = None;
+        }
+    }
+
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
+        self.open.lock().unwrap().is_some()
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
 /// How much is read from a pipe at once.
 const READ: usize = 128 << 10;
 /// A line longer than this goes out in pieces of this size.
@@ -28,7 +85,7 @@ const MAX_LINE: usize = 64 << 10;
 struct Stream {
     fd: OwnedFd,
     name: &'static str,
-    log: Arc<Mutex<File>>,
+    log: Arc<LogFile>,
     /// The start of a line whose end has not come yet.
     partial: Vec<u8>,
 }
@@ -71,11 +128,7 @@ fn collector() -> std::io::Result<&'static Collector> {
 
 /// Copies what is written to the pipe `fd` (its read end) into `log`, a line at a time as
 /// `<RFC 3339 time> <stream> <line>`, until every write end is closed.
-pub(crate) fn collect(
-    fd: OwnedFd,
-    stream: &'static str,
-    log: Arc<Mutex<File>>,
-) -> std::io::Result<()> {
+pub(crate) fn collect(fd: OwnedFd, stream: &'static str, log: Arc<LogFile>) -> std::io::Result<()> {
     let c = collector()?;
     crate::sys::set_nonblocking(fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
     let key = c.next.fetch_add(1, Ordering::Relaxed);
@@ -107,14 +160,21 @@ impl Collector {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut buf = vec![0u8; READ];
         let mut out = Vec::new();
+        let mut swept = Instant::now();
         loop {
+            if swept.elapsed() >= SWEEP {
+                swept = Instant::now();
+                for s in self.streams.lock().unwrap().values() {
+                    s.log.close_if_idle(swept, IDLE_CLOSE);
+                }
+            }
             // SAFETY: `events` has room for `events.len()` entries.
             let n = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    -1,
+                    SWEEP.as_millis() as i32,
                 )
             };
             if n < 0 {
@@ -198,7 +258,7 @@ impl Stream {
             self.partial.clear();
         }
         if !out.is_empty() {
-            let _ = self.log.lock().unwrap().write_all(out);
+            let _ = self.log.write(out);
         }
         open
     }
@@ -253,7 +313,7 @@ mod tests {
     fn lines_keep_one_line_each_across_reads_and_the_last_comes_at_close() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
-        let log = Arc::new(Mutex::new(File::create(&path).unwrap()));
+        let log = LogFile::create(&path).unwrap();
         let (r, mut w) = pipe();
         collect(r, "stdout", log).unwrap();
         w.write_all(b"one\ntwo\nthr").unwrap();
@@ -289,7 +349,7 @@ mod tests {
         let mut writers = Vec::new();
         for i in 0..20 {
             let path = dir.path().join(format!("{i}.log"));
-            let log = Arc::new(Mutex::new(File::create(&path).unwrap()));
+            let log = LogFile::create(&path).unwrap();
             let (r, w) = pipe();
             collect(r, "stderr", log).unwrap();
             writers.push((path, w));
@@ -310,5 +370,26 @@ mod tests {
             assert!(lines[1].ends_with(&"x".repeat(MAX_LINE)));
             assert!(lines[2].ends_with(" stderr xxxxxxxxxx"));
         }
+    }
+
+    #[test]
+    fn a_log_file_is_open_only_while_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.log");
+        let log = LogFile::create(&path).unwrap();
+        assert!(!log.is_open(), "created and closed");
+        log.write(b"a\n").unwrap();
+        assert!(log.is_open());
+        // Written a moment ago: kept open.
+        log.close_if_idle(Instant::now(), Duration::from_secs(10));
+        assert!(log.is_open());
+        log.close_if_idle(
+            Instant::now() + Duration::from_secs(10),
+            Duration::from_secs(10),
+        );
+        assert!(!log.is_open());
+        // The next line reopens it and appends.
+        log.write(b"b\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a\nb\n");
     }
 }
