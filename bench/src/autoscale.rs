@@ -74,7 +74,7 @@ fn connect(addr: SocketAddr) -> std::io::Result<BufReader<TcpStream>> {
 }
 
 /// `GET path` on a fresh connection; the JSON body.
-fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+pub(crate) fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -278,7 +278,7 @@ fn deploy_churn(
     ferry(bin, api, &args).map(drop)
 }
 
-fn ferry(bin: &Path, api: SocketAddr, args: &[&str]) -> Result<String> {
+pub(crate) fn ferry(bin: &Path, api: SocketAddr, args: &[&str]) -> Result<String> {
     run(Command::new(bin)
         .args(args)
         .env("FERRY_API", format!("http://{api}")))

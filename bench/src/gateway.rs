@@ -113,6 +113,19 @@ pub(crate) fn start_server(
     subnet: &str,
     log: Option<std::fs::File>,
 ) -> Result<Server> {
+    start_server_with(ferry, testapp, work, bridge, subnet, log, &[])
+}
+
+/// [`start_server`] with more `ferry server` flags.
+pub(crate) fn start_server_with(
+    ferry: &Path,
+    testapp: &Path,
+    work: &Path,
+    bridge: &str,
+    subnet: &str,
+    log: Option<std::fs::File>,
+    extra: &[&str],
+) -> Result<Server> {
     std::fs::create_dir_all(work)?;
     let data = work.join("data");
     let mut cmd = Command::new(ferry);
@@ -141,6 +154,7 @@ pub(crate) fn start_server(
             "--data-dir",
         ])
         .arg(&data)
+        .args(extra)
         .spawn()?,
     );
     let a = addresses(&data, Duration::from_secs(30))?;
