@@ -65,11 +65,7 @@ fn ready(api: SocketAddr, service: &str) -> Result<usize> {
 /// `--cpu-overcommit 100` so that CPU does not bound the count), a service of the smallest
 /// instances a spec takes (10m, 16Mi), scaled with `ferry scale` in steps of [`STEP`]; VmRSS
 /// of the server after each. Returns the points and why it stopped early, if it did.
-fn server_points(
-    ferry_bin: &Path,
-    testapp: &Path,
-    instances: usize,
-) -> Result<Steps> {
+fn server_points(ferry_bin: &Path, testapp: &Path, instances: usize) -> Result<Steps> {
     let work = tempfile::tempdir()?;
     let server = crate::gateway::start_server_with(
         ferry_bin,
