@@ -55,10 +55,30 @@ fn rss_mib(pid: u32) -> f64 {
 type Steps = (Vec<(f64, f64)>, Option<String>);
 
 /// Ready instances of `service`.
-fn ready(api: SocketAddr, service: &str) -> Result<usize> {
+pub(crate) fn ready(api: SocketAddr, service: &str) -> Result<usize> {
     let v = get_json(api, &format!("/v1/instances?service={service}"))?;
     Ok(v.as_array()
         .map_or(0, |a| a.iter().filter(|i| i["state"] == "ready").count()))
+}
+
+/// Deletes `service` and waits (up to 120 s) until none of its instances is live.
+pub(crate) fn delete_and_wait(ferry_bin: &Path, api: SocketAddr, service: &str) {
+    eprintln!("deleting service {service}");
+    let _ = ferry(ferry_bin, api, &["delete", service]);
+    let live = || {
+        get_json(api, &format!("/v1/instances?service={service}")).is_ok_and(|v| {
+            v.as_array().is_some_and(|a| {
+                a.iter().any(|i| {
+                    ["pending", "starting", "ready", "draining"]
+                        .contains(&i["state"].as_str().unwrap_or(""))
+                })
+            })
+        })
+    };
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(120) && live() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// The whole platform: one `ferry server` (registry, control, gateway, agent in one process,
@@ -141,21 +161,7 @@ fn server_points(ferry_bin: &Path, testapp: &Path, instances: usize) -> Result<S
         stopped = Some(e.to_string());
     }
     // Stop the instances through the API before the server goes, so its shutdown is short.
-    eprintln!("density: deleting the service");
-    let _ = ferry(ferry_bin, api, &["delete", svc]);
-    let t = std::time::Instant::now();
-    while t.elapsed() < Duration::from_secs(120)
-        && get_json(api, &format!("/v1/instances?service={svc}")).is_ok_and(|v| {
-            v.as_array().is_some_and(|a| {
-                a.iter().any(|i| {
-                    ["pending", "starting", "ready", "draining"]
-                        .contains(&i["state"].as_str().unwrap_or(""))
-                })
-            })
-        })
-    {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    delete_and_wait(ferry_bin, api, svc);
     drop(server);
     Ok((points, stopped))
 }

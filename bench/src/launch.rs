@@ -282,6 +282,74 @@ fn last_tenth(out: &Launch) -> (f64, f64) {
     )
 }
 
+/// Instances one `ferry server` runs at most in the through-the-platform part (16Mi each:
+/// three quarters of this machine's 24 GiB hold ~1,130).
+const SERVER_MAX: usize = 1000;
+
+/// Through the whole platform: one `ferry server` (`--cpu-overcommit 100`), a service of the
+/// smallest instances a spec takes (10m, 16Mi) with one instance ready (image pulled and
+/// unpacked), then `ferry scale --min N`: (N − 1, the time from the scale command until all N
+/// are ready, by polling `GET /v1/instances` every 100 ms).
+fn through_server(ferry_bin: &Path, testapp: &Path, n: usize) -> Result<(usize, Duration)> {
+    use crate::autoscale::ferry;
+    use crate::density::{delete_and_wait, ready};
+    let work = tempfile::tempdir()?;
+    let server = crate::gateway::start_server_with(
+        ferry_bin,
+        testapp,
+        work.path(),
+        "flrserv0",
+        "10.119.0.1/16",
+        None,
+        &["--cpu-overcommit", "100"],
+    )?;
+    let api: std::net::SocketAddr = server.api.parse()?;
+    let (svc, max) = ("lr", n.to_string());
+    let wait = |n: usize| -> Result<Duration> {
+        let t = Instant::now();
+        while ready(api, svc)? < n {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(180),
+                "ferry server: {n} ready instances not reached in 180 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(t.elapsed())
+    };
+    let result = (|| -> Result<Duration> {
+        ferry(
+            ferry_bin,
+            api,
+            &[
+                "deploy",
+                svc,
+                "--image",
+                &server.image,
+                "--cpu",
+                "10m",
+                "--memory",
+                "16Mi",
+                "--min",
+                "1",
+                "--max",
+                &max,
+            ],
+        )?;
+        wait(1)?;
+        let t = Instant::now();
+        ferry(
+            ferry_bin,
+            api,
+            &["scale", svc, "--min", &max, "--max", &max],
+        )?;
+        wait(n)?;
+        Ok(t.elapsed())
+    })();
+    delete_and_wait(ferry_bin, api, svc);
+    drop(server);
+    Ok((n - 1, result?))
+}
+
 pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, Vec<Row>)> {
     let work = tempfile::tempdir()?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -303,6 +371,9 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
         Ok::<_, anyhow::Error>((outcome?, mem_before, mem_after))
     })?;
     let per_min = outcome.ready as f64 / outcome.elapsed.as_secs_f64().max(1e-9) * 60.0;
+    let server_n = max.clamp(2, SERVER_MAX);
+    eprintln!("launch-rate: through ferry server, 1 → {server_n} instances");
+    let (server_launched, server_took) = through_server(ferry, testapp, server_n)?;
     let s = sorted(outcome.start_to_ready_ms.clone());
     let stopped = outcome
         .stopped
@@ -319,6 +390,16 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
                     .into(),
             unit: "/min".into(),
             ferry: per_min,
+            peer_name: None,
+            peer: None,
+            goal: Some("≥ 3000 /min".into()),
+        },
+        Row {
+            metric: format!(
+                "launches per minute through `ferry server` (`ferry scale` 1 → {server_n}, until every instance is ready)"
+            ),
+            unit: "/min".into(),
+            ferry: server_launched as f64 / server_took.as_secs_f64().max(1e-9) * 60.0,
             peer_name: None,
             peer: None,
             goal: Some("≥ 3000 /min".into()),
@@ -385,7 +466,7 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
     ];
     Ok((
         format!(
-            "An in-process `ferry_agent::Agent` (release build) on its own bridge ({BRIDGE}, 10.97.0.0/16), driven through its command channel as control drives it: `Start` of instances of the static testapp (0.1 vCPU, 64 MiB, TCP readiness probe, image cached after one warm-up start), {PARALLEL} starts in flight at a time, none stopped, until one fails, memory runs short (MemAvailable < ¼ of MemTotal or PSI some avg10 > 5 %) or {max} are running. Stopped because: {stopped}. {} starts failed. No peer.",
+            "An in-process `ferry_agent::Agent` (release build) on its own bridge ({BRIDGE}, 10.97.0.0/16), driven through its command channel as control drives it: `Start` of instances of the static testapp (0.1 vCPU, 64 MiB, TCP readiness probe, image cached after one warm-up start), {PARALLEL} starts in flight at a time, none stopped, until one fails, memory runs short (MemAvailable < ¼ of MemTotal or PSI some avg10 > 5 %) or {max} are running. Stopped because: {stopped}. {} starts failed. Then through the whole platform: one `ferry server` (`--cpu-overcommit 100`), a service of 10m / 16Mi instances (the smallest a spec takes; ¾ of this machine's memory holds ~1,130) with one ready, `ferry scale --min {server_n}`, and the time until all are ready (`GET /v1/instances` polled every 100 ms). No peer.",
             outcome.failed
         ),
         rows,
