@@ -498,7 +498,12 @@ async fn sample_loop(shared: Arc<Shared>, stop: CancellationToken) {
             continue;
         };
         for s in samples {
-            shared.emit(AgentEvent::Usage(s)).await;
+            // A full event channel must not hold up the agent's shutdown, which waits for
+            // this task.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.emit(AgentEvent::Usage(s)) => {}
+            }
         }
     }
 }
