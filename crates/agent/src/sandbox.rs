@@ -630,6 +630,9 @@ pub const NS_FLAGS: libc::c_int = libc::CLONE_NEWNS
 const CHILD_STACK: usize = 512 << 10;
 
 /// What the sandbox child reads, in the agent's memory (the child shares it until exec).
+/// Nothing in it (the plan included) may own a descriptor: with a private table the cloning
+/// thread drops it where the process's descriptors are out of reach, and closing one there
+/// would close whatever has that number in the thread's own table.
 struct ChildArgs {
     plan: std::sync::Arc<Plan>,
     /// The child's pipe ends, by the numbers the child sees: report, go, out, err, alive.
