@@ -101,6 +101,13 @@ impl Msg {
         Msg { buf }
     }
 
+    /// A dump request: no ack; the answer ends with NLMSG_DONE.
+    fn dump(ty: u16) -> Msg {
+        let mut m = Msg::new(ty, 0);
+        m.buf[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        m
+    }
+
     fn raw(&mut self, data: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(data);
         self.pad();
@@ -184,17 +191,46 @@ impl Netlink {
 
     /// Sends one request and waits for its ack.
     fn request(&self, op: &str, msg: &mut Msg) -> Result<(), NetError> {
-        let nl = |source: io::Error| NetError::Netlink {
+        self.exchange(msg, 8192, |dgram| {
+            let mut off = 0;
+            while off + 16 <= dgram.len() {
+                let len = u32::from_ne_bytes(dgram[off..off + 4].try_into().expect("4")) as usize;
+                let ty = u16::from_ne_bytes(dgram[off + 4..off + 6].try_into().expect("2"));
+                if ty == libc::NLMSG_ERROR as u16 && off + 20 <= dgram.len() {
+                    let code = i32::from_ne_bytes(dgram[off + 16..off + 20].try_into().expect("4"));
+                    return match code {
+                        0 => Ok(true),
+                        c => Err(io::Error::from_raw_os_error(-c)),
+                    };
+                }
+                if len == 0 {
+                    break;
+                }
+                off += (len + 3) & !3;
+            }
+            Ok(false)
+        })
+        .map_err(|source| NetError::Netlink {
             op: op.to_string(),
             source,
-        };
+        })
+    }
+
+    /// Sends `msg`, then hands each datagram of the answer (received into a buffer of
+    /// `buf_len` bytes) to `answer` until it says it has seen the end.
+    fn exchange(
+        &self,
+        msg: &mut Msg,
+        buf_len: usize,
+        mut answer: impl FnMut(&[u8]) -> io::Result<bool>,
+    ) -> io::Result<()> {
         let data = msg.finish();
         // SAFETY: sending a byte buffer on our socket (kernel is the default destination).
         let r = unsafe { libc::send(self.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
         if r < 0 {
-            return Err(nl(io::Error::last_os_error()));
+            return Err(io::Error::last_os_error());
         }
-        let mut buf = vec![0u8; 8192];
+        let mut buf = vec![0u8; buf_len];
         loop {
             // SAFETY: receiving into our buffer of the given length.
             let n =
@@ -204,24 +240,10 @@ impl Netlink {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(nl(e));
+                return Err(e);
             }
-            let n = n as usize;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                if ty == libc::NLMSG_ERROR as u16 && off + 20 <= n {
-                    let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
-                    if code == 0 {
-                        return Ok(());
-                    }
-                    return Err(nl(io::Error::from_raw_os_error(-code)));
-                }
-                if len == 0 {
-                    break;
-                }
-                off += (len + 3) & !3;
+            if answer(&buf[..n as usize])? {
+                return Ok(());
             }
         }
     }
@@ -313,14 +335,7 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
     })?;
     add_addr(&nl, idx, cfg.gateway, 32, &cfg.bridge)?;
     link_up(&nl, idx, &cfg.bridge)?;
-    let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
-    m.raw(&rtmsg(
-        cfg.prefix,
-        libc::RT_SCOPE_UNIVERSE,
-        libc::RTN_UNREACHABLE,
-        0,
-    ))
-    .attr(RTA_DST, &Ipv4Addr::from(cfg.network()).octets());
+    let mut m = unreachable_route(cfg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
     match nl.request(&format!("unreachable route {}", cfg.cidr()), &mut m) {
         // There already (an agent restart), or a node that had a bridge with the /prefix.
         Err(NetError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {}
@@ -339,6 +354,19 @@ pub fn setup_host(cfg: &NetConfig) -> Result<(), NetError> {
         tracing::warn!("iptables not found: instances get no outbound NAT");
     }
     Ok(())
+}
+
+/// `ty` (new or delete) of the route that makes the instance subnet unreachable.
+fn unreachable_route(cfg: &NetConfig, ty: u16, flags: u16) -> Msg {
+    let mut m = Msg::new(ty, flags);
+    m.raw(&rtmsg(
+        cfg.prefix,
+        libc::RT_SCOPE_UNIVERSE,
+        libc::RTN_UNREACHABLE,
+        0,
+    ))
+    .attr(RTA_DST, &Ipv4Addr::from(cfg.network()).octets());
+    m
 }
 
 /// An rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
@@ -410,14 +438,7 @@ pub fn teardown_host(cfg: &NetConfig) -> Result<(), NetError> {
         delete_rule(&ipt, &nat_rule(cfg));
     }
     if let Ok(nl) = Netlink::open() {
-        let mut m = Msg::new(RTM_DELROUTE, 0);
-        m.raw(&rtmsg(
-            cfg.prefix,
-            libc::RT_SCOPE_UNIVERSE,
-            libc::RTN_UNREACHABLE,
-            0,
-        ))
-        .attr(RTA_DST, &Ipv4Addr::from(cfg.network()).octets());
+        let mut m = unreachable_route(cfg, RTM_DELROUTE, 0);
         let _ = nl.request(&format!("delete unreachable route {}", cfg.cidr()), &mut m);
     }
     delete_link(&cfg.bridge)
@@ -705,43 +726,24 @@ pub struct LinkBytes {
 
 /// Byte counters of every link in the calling thread's network namespace, by interface
 /// index: one RTM_GETSTATS dump asking for the 64-bit link statistics alone (~230 bytes per
-/// link). It replaces reading two sysfs files per instance every second, whose path walks
-/// were most of the agent's kernel time with thousands of instances running.
+/// link). It replaces two sysfs files opened per instance every second, whose path walks
+/// perf put among the largest kernel costs of the agent's runtime threads at ~3,000
+/// instances (docs/benchmarks.md).
 pub fn link_counters() -> Result<HashMap<i32, LinkBytes>, NetError> {
     let nl_err = |source: io::Error| NetError::Netlink {
         op: "dump link statistics".into(),
         source,
     };
     let nl = Netlink::open().map_err(nl_err)?;
-    let mut m = Msg::new(RTM_GETSTATS, 0);
-    // A dump is a request without ack; it ends with NLMSG_DONE.
-    m.buf[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    let mut m = Msg::dump(RTM_GETSTATS);
     // struct if_stats_msg: family, pad, pad, ifindex 0 (all), filter mask.
     let mut h = [0u8; 12];
     h[8..12].copy_from_slice(&(1u32 << (IFLA_STATS_LINK_64 - 1)).to_ne_bytes());
     m.raw(&h);
-    let data = m.finish();
-    // SAFETY: sending a byte buffer on our socket (kernel is the default destination).
-    let r = unsafe { libc::send(nl.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
-    if r < 0 {
-        return Err(nl_err(io::Error::last_os_error()));
-    }
     let mut out = HashMap::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: receiving into our buffer of the given length.
-        let n = unsafe { libc::recv(nl.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(nl_err(e));
-        }
-        if parse_stats(&buf[..n as usize], &mut out).map_err(nl_err)? {
-            return Ok(out);
-        }
-    }
+    nl.exchange(&mut m, 64 * 1024, |dgram| parse_stats(dgram, &mut out))
+        .map_err(nl_err)?;
+    Ok(out)
 }
 
 /// Adds the counters in one datagram of a stats dump to `out`; true once it held NLMSG_DONE.

@@ -481,31 +481,24 @@ pub fn private_fd_table(fds: &mut [RawFd]) -> SysResult {
 pub fn private_fd_tables() -> bool {
     static WORKS: OnceLock<bool> = OnceLock::new();
     *WORKS.get_or_init(|| {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: `fds` is a 2-int array for pipe2 to fill; both are closed below.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        use std::os::fd::AsRawFd;
+        let Ok((r, w)) = crate::sandbox::pipe() else {
             return false;
-        }
-        let w = fds[1];
-        let works = std::thread::spawn(move || {
+        };
+        let w = w.as_raw_fd();
+        // The thread writes a byte through its copy of the write end; it is read back here.
+        let wrote = std::thread::spawn(move || {
             let mut mine = [w];
-            // SAFETY: F_GETFD reads a flag; the write puts one byte from a static buffer.
+            // SAFETY: one byte from a static buffer into the thread's own copy.
             private_fd_table(&mut mine).is_ok()
-                && unsafe { libc::fcntl(mine[0], libc::F_GETFD) } >= 0
                 && unsafe { libc::write(mine[0], b"x".as_ptr().cast(), 1) } == 1
         })
         .join()
         .unwrap_or(false);
         let mut b = [0u8; 1];
-        // SAFETY: one byte into a stack buffer; read only when the thread wrote one through
-        // its duplicate, so it does not block.
-        let read_back = works && unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) } == 1;
-        // SAFETY: closing the two ends made above.
-        unsafe {
-            libc::close(fds[0]);
-            libc::close(fds[1]);
-        }
-        read_back && b[0] == b'x'
+        // SAFETY: one byte into a stack buffer; read only when the thread wrote one, so it
+        // does not block.
+        wrote && unsafe { libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), 1) } == 1 && b[0] == b'x'
     })
 }
 

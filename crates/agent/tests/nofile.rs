@@ -1,6 +1,7 @@
-//! The open-file limit: the agent raises its own (a node holds a few descriptors per
-//! instance) and its instances get back what the process started with. Alone in its test
-//! binary: it lowers the process's soft limit before any agent runs, so the raise shows.
+//! Limits the agent raises. The open-file limit: the agent raises its own (a node holds a
+//! few descriptors per instance) and its instances get back what the process started with.
+//! `kernel.pid_max`: raised for the host (every instance thread takes a pid). Alone in its
+//! test binary: it lowers both before any agent of the process runs, so the raise shows.
 
 mod common;
 
@@ -20,7 +21,8 @@ fn nofile(pid: &str) -> (u64, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_raises_its_open_file_limit_and_instances_keep_the_started_one() -> Result<()> {
+async fn the_agent_raises_its_limits_and_instances_keep_the_started_open_file_limit() -> Result<()>
+{
     if testapp().is_none() || !is_root() {
         return Ok(());
     }
@@ -32,11 +34,16 @@ async fn the_agent_raises_its_open_file_limit_and_instances_keep_the_started_one
     };
     // SAFETY: setrlimit reads the struct; lowering the soft limit is always allowed.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) }, 0);
+    // The kernel's default on machines with up to 32 CPUs (an earlier agent may have raised it).
+    let pid_max = "/proc/sys/kernel/pid_max";
+    std::fs::write(pid_max, "32768")?;
 
     let mut node = Node::start(NET).await?;
     let id = "svc-00001-nofile";
     node.start_ready(node.spec(id)).await?;
     assert_eq!(ferry_agent::instance_open_files(), (low, hard));
+    let raised: u64 = std::fs::read_to_string(pid_max)?.trim().parse()?;
+    assert_eq!(raised, ferry_agent::PID_MAX, "kernel.pid_max");
     let agent = nofile("self");
     assert!(agent.0 == agent.1 && agent.1 >= hard, "agent {agent:?}");
     let pid = cgroup_pids(id)[0];
