@@ -307,6 +307,7 @@ pub fn autoscale(cycles: usize) -> Result<(String, Vec<Row>)> {
         "fauto0",
         "10.117.0.1/24",
         Some(log),
+        &[],
     )?;
     let api: SocketAddr = server.api.parse()?;
     let (gateway, image) = (server.gateway, server.image.clone());

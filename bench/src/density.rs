@@ -3,10 +3,9 @@
 //! 100 idle instances.
 
 use crate::Row;
-use crate::autoscale::{ferry, get_json};
 use crate::launch::{Node, cleanup_host, meminfo, memory_stop};
+use crate::platform::SmallService;
 use anyhow::Result;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,18 +13,6 @@ use std::time::Duration;
 const STEP: usize = 100;
 /// Idle time after each step before memory is read.
 const SETTLE: Duration = Duration::from_secs(5);
-
-/// VmRSS of this process, in MiB.
-fn self_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
 
 /// Least-squares slope of y over x.
 fn slope(points: &[(f64, f64)]) -> f64 {
@@ -41,129 +28,63 @@ fn slope(points: &[(f64, f64)]) -> f64 {
 
 /// VmRSS of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    crate::suites::status_mib(pid, "VmRSS")
 }
 
 /// (instances, RSS MiB) after each step, and why the steps stopped early, if they did.
 type Steps = (Vec<(f64, f64)>, Option<String>);
 
-/// Ready instances of `service`.
-pub(crate) fn ready(api: SocketAddr, service: &str) -> Result<usize> {
-    let v = get_json(api, &format!("/v1/instances?service={service}"))?;
-    Ok(v.as_array()
-        .map_or(0, |a| a.iter().filter(|i| i["state"] == "ready").count()))
-}
-
-/// Deletes `service` and waits (up to 120 s) until none of its instances is live.
-pub(crate) fn delete_and_wait(ferry_bin: &Path, api: SocketAddr, service: &str) {
-    eprintln!("deleting service {service}");
-    let _ = ferry(ferry_bin, api, &["delete", service]);
-    let live = || {
-        get_json(api, &format!("/v1/instances?service={service}")).is_ok_and(|v| {
-            v.as_array().is_some_and(|a| {
-                a.iter().any(|i| {
-                    ["pending", "starting", "ready", "draining"]
-                        .contains(&i["state"].as_str().unwrap_or(""))
-                })
-            })
-        })
-    };
-    let t = std::time::Instant::now();
-    while t.elapsed() < Duration::from_secs(120) && live() {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The whole platform: one `ferry server` (registry, control, gateway, agent in one process,
-/// `--cpu-overcommit 100` so that CPU does not bound the count), a service of the smallest
-/// instances a spec takes (10m, 16Mi), scaled with `ferry scale` in steps of [`STEP`]; VmRSS
-/// of the server after each. Returns the points and why it stopped early, if it did.
+/// The whole platform ([`SmallService`]) scaled in steps of [`STEP`] up to `instances`; VmRSS
+/// of the server [`SETTLE`] after each step.
 fn server_points(ferry_bin: &Path, testapp: &Path, instances: usize) -> Result<Steps> {
-    let work = tempfile::tempdir()?;
-    let server = crate::gateway::start_server_with(
-        ferry_bin,
-        testapp,
-        work.path(),
-        "fdens0",
-        "10.118.0.1/16",
-        None,
-        &["--cpu-overcommit", "100"],
-    )?;
-    let api: SocketAddr = server.api.parse()?;
-    let pid = server.proc.0.id();
-    let svc = "dens";
-    let max = instances.max(1).to_string();
-    ferry(
-        ferry_bin,
-        api,
-        &[
-            "deploy",
-            svc,
-            "--image",
-            &server.image,
-            "--cpu",
-            "10m",
-            "--memory",
-            "16Mi",
-            "--min",
-            "1",
-            "--max",
-            &max,
-        ],
-    )?;
-    let wait = |n: usize| -> Result<()> {
-        let t = std::time::Instant::now();
-        while ready(api, svc)? < n {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(180),
-                "{n} ready instances not reached in 180 s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    };
-    let mut points = Vec::new();
+    let svc = SmallService::start(ferry_bin, testapp, "fdens0", "10.118.0.1/16", instances)?;
+    std::thread::sleep(SETTLE);
+    let mut points = vec![(1.0, rss_mib(svc.pid()))];
     let mut stopped = None;
-    let result = (|| -> Result<()> {
-        wait(1)?;
-        std::thread::sleep(SETTLE);
-        points.push((1.0, rss_mib(pid)));
-        let mut n = STEP;
-        while n <= instances {
-            if let Some(s) = memory_stop() {
-                stopped = Some(s);
-                break;
-            }
-            ferry(
-                ferry_bin,
-                api,
-                &["scale", svc, "--min", &n.to_string(), "--max", &max],
-            )?;
-            wait(n)?;
-            std::thread::sleep(SETTLE);
-            points.push((n as f64, rss_mib(pid)));
-            eprintln!(
-                "density: ferry server with {n} idle instances, RSS {:.1} MiB",
-                points.last().map_or(f64::NAN, |p| p.1)
-            );
-            n += STEP;
+    for n in (STEP..=instances).step_by(STEP) {
+        if let Some(s) = memory_stop() {
+            stopped = Some(s);
+            break;
         }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        stopped = Some(e.to_string());
+        if let Err(e) = svc.scale(n) {
+            stopped = Some(e.to_string());
+            break;
+        }
+        std::thread::sleep(SETTLE);
+        points.push((n as f64, rss_mib(svc.pid())));
+        eprintln!(
+            "density: ferry server with {n} idle instances, RSS {:.1} MiB",
+            points[points.len() - 1].1
+        );
     }
-    // Stop the instances through the API before the server goes, so its shutdown is short.
-    delete_and_wait(ferry_bin, api, svc);
-    drop(server);
     Ok((points, stopped))
+}
+
+/// The growth per 100 instances of `points` (fit) and the first and last values, as rows.
+fn rss_rows(what: &str, points: &[(f64, f64)]) -> [Row; 2] {
+    let last = points.last().copied().unwrap_or((0.0, f64::NAN));
+    [
+        Row {
+            metric: format!(
+                "{what} RSS growth per 100 idle instances (fit over {} points up to {:.0})",
+                points.len(),
+                last.0
+            ),
+            unit: "MiB".into(),
+            ferry: slope(points) * 100.0,
+            peer_name: None,
+            peer: None,
+            goal: Some("≤ 200 MiB (2 MiB each)".into()),
+        },
+        Row {
+            metric: format!("{what} RSS with one instance / with all"),
+            unit: "MiB".into(),
+            ferry: points[0].1,
+            peer_name: Some(format!("with {:.0}", last.0)),
+            peer: Some(last.1),
+            goal: None,
+        },
+    ]
 }
 
 pub fn density(ferry: &Path, testapp: &Path, instances: usize) -> Result<(String, Vec<Row>)> {
@@ -177,7 +98,7 @@ pub fn density(ferry: &Path, testapp: &Path, instances: usize) -> Result<(String
         let warm = node.launch(["d-warm".to_string()], |_| None).await?;
         anyhow::ensure!(warm.ready == 1, "warm-up instance: {:?}", warm.stopped);
         tokio::time::sleep(SETTLE).await;
-        let mut rss = vec![(1.0, self_rss_mib())];
+        let mut rss = vec![(1.0, rss_mib(std::process::id()))];
         let mut host = vec![(1.0, meminfo().0)];
         let mut running = 1usize;
         let mut stopped = None;
@@ -193,7 +114,7 @@ pub fn density(ferry: &Path, testapp: &Path, instances: usize) -> Result<(String
             };
             running += out.ready;
             tokio::time::sleep(SETTLE).await;
-            rss.push((running as f64, self_rss_mib()));
+            rss.push((running as f64, rss_mib(std::process::id())));
             host.push((running as f64, meminfo().0));
             eprintln!(
                 "density: {running} idle instances, agent process RSS {:.1} MiB, MemAvailable {:.0} MiB",
@@ -210,66 +131,25 @@ pub fn density(ferry: &Path, testapp: &Path, instances: usize) -> Result<(String
         Ok::<_, anyhow::Error>((rss, host, stopped))
     })?;
     anyhow::ensure!(points.len() >= 2, "no step completed: {stopped:?}");
-    let running = points.last().map_or(0.0, |p| p.0);
-    let per_instance = slope(&points);
     let host_per_instance = -slope(&host);
     let (server, server_stopped) = server_points(ferry, testapp, instances)?;
     anyhow::ensure!(
         server.len() >= 2,
         "ferry server: no step completed: {server_stopped:?}"
     );
-    let server_running = server.last().map_or(0.0, |p| p.0);
-    let mut rows = vec![
-        Row {
-            metric: format!(
-                "`ferry server` RSS growth per 100 idle instances (registry, control, gateway and agent; fit over {} points up to {server_running:.0})",
-                server.len()
-            ),
-            unit: "MiB".into(),
-            ferry: slope(&server) * 100.0,
-            peer_name: None,
-            peer: None,
-            goal: Some("≤ 200 MiB (2 MiB each)".into()),
-        },
-        Row {
-            metric: "`ferry server` RSS with one instance / with all".into(),
-            unit: "MiB".into(),
-            ferry: server[0].1,
-            peer_name: Some(format!("with {server_running:.0}")),
-            peer: server.last().map(|p| p.1),
-            goal: None,
-        },
-    ];
-    rows.extend(vec![
-        Row {
-            metric: format!(
-                "agent process RSS growth per 100 idle instances (fit over {} points up to {running:.0})",
-                points.len()
-            ),
-            unit: "MiB".into(),
-            ferry: per_instance * 100.0,
-            peer_name: None,
-            peer: None,
-            goal: Some("≤ 200 MiB (2 MiB each)".into()),
-        },
-        Row {
-            metric: "agent process RSS with one instance / with all".into(),
-            unit: "MiB".into(),
-            ferry: points[0].1,
-            peer_name: Some(format!("with {running:.0}")),
-            peer: points.last().map(|p| p.1),
-            goal: None,
-        },
-        Row {
-            metric: "host MemAvailable drop per 100 idle instances (workload + kernel + agent)"
-                .into(),
-            unit: "MiB".into(),
-            ferry: host_per_instance * 100.0,
-            peer_name: None,
-            peer: None,
-            goal: None,
-        },
-    ]);
+    let mut rows = Vec::from(rss_rows(
+        "`ferry server` (registry, control, gateway and agent)",
+        &server,
+    ));
+    rows.extend(rss_rows("agent process", &points));
+    rows.extend([Row {
+        metric: "host MemAvailable drop per 100 idle instances (workload + kernel + agent)".into(),
+        unit: "MiB".into(),
+        ferry: host_per_instance * 100.0,
+        peer_name: None,
+        peer: None,
+        goal: None,
+    }]);
     let stopped = stopped.map_or(String::new(), |s| format!(" Stopped early: {s}."));
     let server_stopped = server_stopped.map_or(String::new(), |s| {
         format!(" `ferry server` stopped early: {s}.")

@@ -105,19 +105,9 @@ pub(crate) struct Server {
     pub image: String,
 }
 
+/// Starts `ferry server` on free loopback ports with `bridge` and `subnet` (and `extra`
+/// flags), builds the testapp image and pushes it to the server's registry.
 pub(crate) fn start_server(
-    ferry: &Path,
-    testapp: &Path,
-    work: &Path,
-    bridge: &str,
-    subnet: &str,
-    log: Option<std::fs::File>,
-) -> Result<Server> {
-    start_server_with(ferry, testapp, work, bridge, subnet, log, &[])
-}
-
-/// [`start_server`] with more `ferry server` flags.
-pub(crate) fn start_server_with(
     ferry: &Path,
     testapp: &Path,
     work: &Path,
@@ -315,6 +305,7 @@ pub fn gateway(
         "fbgw0",
         "10.98.0.1/24",
         None,
+        &[],
     )?;
     let instance = deploy_gw(ferry, &server)?;
     let before = match baseline {
@@ -326,6 +317,7 @@ pub fn gateway(
                 "fbgw1",
                 "10.98.1.1/24",
                 None,
+                &[],
             )?;
             deploy_gw(b, &s)?;
             Some(s)

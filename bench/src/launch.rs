@@ -2,6 +2,7 @@
 //! `ferry_agent::Agent` on its own bridge and /16, holding the static testapp image, driven
 //! through its command channel exactly as control drives it in `ferry server`.
 
+use crate::platform::SmallService;
 use crate::{Row, percentile, run, sorted};
 use anyhow::{Context, Result, bail};
 use ferry_agent::{Agent, Config, LayoutImageSource, net};
@@ -286,68 +287,11 @@ fn last_tenth(out: &Launch) -> (f64, f64) {
 /// three quarters of this machine's 24 GiB hold ~1,130).
 const SERVER_MAX: usize = 1000;
 
-/// Through the whole platform: one `ferry server` (`--cpu-overcommit 100`), a service of the
-/// smallest instances a spec takes (10m, 16Mi) with one instance ready (image pulled and
-/// unpacked), then `ferry scale --min N`: (N − 1, the time from the scale command until all N
-/// are ready, by polling `GET /v1/instances` every 100 ms).
+/// Through the whole platform ([`SmallService`], one instance ready): `ferry scale --min n`,
+/// and the time until all `n` are ready. Returns (n − 1 launches, that time).
 fn through_server(ferry_bin: &Path, testapp: &Path, n: usize) -> Result<(usize, Duration)> {
-    use crate::autoscale::ferry;
-    use crate::density::{delete_and_wait, ready};
-    let work = tempfile::tempdir()?;
-    let server = crate::gateway::start_server_with(
-        ferry_bin,
-        testapp,
-        work.path(),
-        "flrserv0",
-        "10.119.0.1/16",
-        None,
-        &["--cpu-overcommit", "100"],
-    )?;
-    let api: std::net::SocketAddr = server.api.parse()?;
-    let (svc, max) = ("lr", n.to_string());
-    let wait = |n: usize| -> Result<Duration> {
-        let t = Instant::now();
-        while ready(api, svc)? < n {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(180),
-                "ferry server: {n} ready instances not reached in 180 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(t.elapsed())
-    };
-    let result = (|| -> Result<Duration> {
-        ferry(
-            ferry_bin,
-            api,
-            &[
-                "deploy",
-                svc,
-                "--image",
-                &server.image,
-                "--cpu",
-                "10m",
-                "--memory",
-                "16Mi",
-                "--min",
-                "1",
-                "--max",
-                &max,
-            ],
-        )?;
-        wait(1)?;
-        let t = Instant::now();
-        ferry(
-            ferry_bin,
-            api,
-            &["scale", svc, "--min", &max, "--max", &max],
-        )?;
-        wait(n)?;
-        Ok(t.elapsed())
-    })();
-    delete_and_wait(ferry_bin, api, svc);
-    drop(server);
-    Ok((n - 1, result?))
+    let svc = SmallService::start(ferry_bin, testapp, "flrserv0", "10.119.0.1/16", n)?;
+    Ok((n - 1, svc.scale(n)?))
 }
 
 pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, Vec<Row>)> {
@@ -383,6 +327,7 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
         "launch-rate: {} ready, {} failed; stopped: {stopped}",
         outcome.ready, outcome.failed
     );
+    let (tenth_per_min, tenth_cpu_ms) = last_tenth(&outcome);
     let rows = vec![
         Row {
             metric:
@@ -408,7 +353,7 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
             metric: "launches per minute over the last tenth of the run (with the most running)"
                 .into(),
             unit: "/min".into(),
-            ferry: last_tenth(&outcome).0,
+            ferry: tenth_per_min,
             peer_name: None,
             peer: None,
             goal: None,
@@ -425,7 +370,7 @@ pub fn launch_rate(ferry: &Path, testapp: &Path, max: usize) -> Result<(String, 
         Row {
             metric: "machine CPU time per launch over the last tenth".into(),
             unit: "ms".into(),
-            ferry: last_tenth(&outcome).1,
+            ferry: tenth_cpu_ms,
             peer_name: None,
             peer: None,
             goal: None,

@@ -11,6 +11,7 @@ mod autoscale;
 mod density;
 mod gateway;
 mod launch;
+mod platform;
 mod podman;
 mod registry;
 mod suites;

@@ -150,15 +150,20 @@ pub(crate) fn addresses(data: &Path, timeout: Duration) -> Result<serde_json::Va
     }
 }
 
-pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure of /proc/<pid>/status (`VmRSS`, `VmHWM`, ...), in MiB.
+pub(crate) fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM")
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -265,7 +270,8 @@ pub fn cold_start(ferry: &Path, testapp: &Path, n: usize) -> Result<(String, Vec
     ensure_packages(&["runc"])?;
     let work = tempfile::tempdir()?;
     let w = work.path();
-    let server = crate::gateway::start_server(ferry, testapp, w, "fbench0", "10.93.0.1/24", None)?;
+    let server =
+        crate::gateway::start_server(ferry, testapp, w, "fbench0", "10.93.0.1/24", None, &[])?;
     let (api, gateway, image) = (server.api.clone(), server.gateway, server.image.clone());
     let archive = w.join("app.tar");
     // Warm-up: the first start pulls and unpacks the image; every measured start finds it cached.
