@@ -45,7 +45,7 @@ impl TestCluster {
         let n = (std::process::id() % 512) * 16 + NEXT.fetch_add(1, Ordering::SeqCst) % 16;
         let dir = tempfile::tempdir()?;
         let zero: SocketAddr = "127.0.0.1:0".parse()?;
-        let args = DaemonArgs {
+        let mut args = DaemonArgs {
             data_dir: Some(dir.path().join("data")),
             api_addr: Some(zero),
             gateway_addr: Some(zero),
@@ -55,7 +55,6 @@ impl TestCluster {
             subnet: Some(format!("10.{}.{}.1/24", 200 + n / 256, n % 256)),
             ..Default::default()
         };
-        let mut args = args;
         configure(&mut args);
         TestCluster::start_with(dir, args).await
     }
@@ -88,14 +87,7 @@ impl TestCluster {
         // The agent reports its node once it runs.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let nodes: Vec<serde_json::Value> = cluster
-                .http
-                .get(format!("{}/v1/nodes", cluster.api))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if !nodes.is_empty() {
+            if !cluster.nodes().await?.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
@@ -104,6 +96,17 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(cluster)
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/nodes", self.api))
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     /// Builds the testapp image and pushes it to the built-in registry as `repo:tag`;

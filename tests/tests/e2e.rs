@@ -412,13 +412,7 @@ async fn sigterm_then_sigkill_after_the_grace() -> Result<()> {
 async fn cpu_overcommit_places_more_vcpu_than_cores() -> Result<()> {
     let cores = std::thread::available_parallelism()?.get() as u64;
     let c = TestCluster::start_configured(|a| a.cpu_overcommit = Some(3.0)).await?;
-    let nodes: Vec<Value> = c
-        .http
-        .get(format!("{}/v1/nodes", c.api))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let nodes = c.nodes().await?;
     assert_eq!(
         nodes[0]["cpu_allocatable"],
         json!(cores * 3000),
