@@ -25,6 +25,10 @@ const GATHER: Duration = Duration::from_millis(5);
 const IDLE_CLOSE: Duration = Duration::from_secs(10);
 /// How often the thread looks for such files, at the latest.
 const SWEEP: Duration = Duration::from_secs(1);
+/// How much is read from a pipe at once.
+const READ: usize = 128 << 10;
+/// A line longer than this goes out in pieces of this size.
+const MAX_LINE: usize = 64 << 10;
 
 /// An instance's log file, open only while the instance writes to it: an idle instance costs
 /// the agent no descriptor for its log (thousands of idle instances otherwise held thousands
@@ -77,10 +81,6 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .append(true)
         .open(path)
 }
-/// How much is read from a pipe at once.
-const READ: usize = 128 << 10;
-/// A line longer than this goes out in pieces of this size.
-const MAX_LINE: usize = 64 << 10;
 
 struct Stream {
     fd: OwnedFd,
