@@ -155,6 +155,10 @@ fn want(total: f64, target: f64) -> u32 {
     }
 }
 
+/// How long after the start of an activity bucket the revision still counts as busy: the
+/// bucket's second, then the second its report may take to arrive.
+const ACTIVITY_SPAN_MS: u64 = 2_000;
+
 /// Decides the instance count for one revision. `ready` is how many instances serve now;
 /// `activity` holds the revision's request load (in flight + queued + requests), whose last
 /// non-zero bucket starts the scale-to-zero grace.
@@ -267,9 +271,17 @@ pub fn decide(
     }
 
     // Scale to zero only after the grace without requests, and then whatever resources say.
-    let idle_for = last_activity.map_or(u64::MAX, |t| now.saturating_sub(t));
+    // The grace runs from the end of the last active bucket, plus the second its report may
+    // take to come (stats cover the second before they arrive): until then the revision counts
+    // as busy. From the bucket's start, a revision serving requests without a pause looked
+    // idle for up to two seconds of every second-long report cycle, and a short grace scaled
+    // it to zero under load, then restarted it (and the flips engaged anti-thrash).
+    let idle_for = match last_activity {
+        None => Some(u64::MAX),
+        Some(t) => now.checked_sub(t.saturating_add(ACTIVITY_SPAN_MS)),
+    };
     if st.panic.is_none() {
-        if idle_for >= cfg.scale_to_zero_grace_ms {
+        if idle_for.is_some_and(|i| i >= cfg.scale_to_zero_grace_ms) {
             let hold = metrics
                 .iter()
                 .filter(|m| m.holds_when_idle)
@@ -288,7 +300,7 @@ pub fn decide(
             desired = 1;
             reason = format!(
                 "idle for {} s, keeping one until the {} s grace",
-                idle_for / 1000,
+                idle_for.unwrap_or(0) / 1000,
                 cfg.scale_to_zero_grace_ms / 1000
             );
         }
@@ -296,7 +308,10 @@ pub fn decide(
 
     // Requests wait and nothing is ready: at least one, whatever the metrics say (a service
     // that scales on CPU has no CPU figures before its first instance).
-    if ready == 0 && desired == 0 && last_activity.is_some_and(|t| now.saturating_sub(t) < 2_000) {
+    if ready == 0
+        && desired == 0
+        && last_activity.is_some_and(|t| now.saturating_sub(t) < ACTIVITY_SPAN_MS)
+    {
         desired = 1;
         reason = "requests wait and nothing is ready: starting one".to_string();
     }
@@ -523,6 +538,25 @@ mod tests {
         // Long after: zero once the grace has passed since the last load.
         let d = decide(&one(&h), &h, 1, 200_000, &c, &mut st);
         assert_eq!(d.desired, 0, "{d:?}");
+    }
+
+    #[test]
+    fn a_busy_revision_is_never_idle_between_reports_even_with_a_short_grace() {
+        // Requests every second until 10 s; each second's report arrives after the second.
+        let h = steady(0, 10_000, 1.0);
+        for grace in [0, 1_000] {
+            let mut c = cfg();
+            c.scale_to_zero_grace_ms = grace;
+            let mut st = ScalerState::default();
+            // Between 9 s (the last report's bucket) and 11 s the next report may still come.
+            for now in (9_000..11_000).step_by(100) {
+                let d = decide(&one(&h), &h, 1, now, &c, &mut st);
+                assert_eq!(d.desired, 1, "grace {grace} at {now}: {d:?}");
+            }
+            // No report for two seconds: quiet since 11 s; zero once the grace is over.
+            let d = decide(&one(&h), &h, 1, 11_000 + grace, &c, &mut st);
+            assert_eq!(d.desired, 0, "grace {grace}: {d:?}");
+        }
     }
 
     #[test]
