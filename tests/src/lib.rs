@@ -183,6 +183,16 @@ impl TestCluster {
             .await?)
     }
 
+    /// Where this cluster's node keeps instance logs (`<id>.log`, `<id>.log.1`).
+    pub fn log_dir(&self) -> PathBuf {
+        self.args
+            .data_dir
+            .as_ref()
+            .expect("test clusters set a data dir")
+            .join("agent")
+            .join("logs")
+    }
+
     /// The text of `GET /v1/services/{service}/logs?{query}`.
     pub async fn logs(&self, service: &str, query: &str) -> Result<String> {
         Ok(self

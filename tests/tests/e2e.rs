@@ -326,6 +326,134 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     c.stop().await
 }
 
+/// Every line of a log is `<RFC 3339> stdout|stderr|ferry <text>`.
+fn assert_log_lines(log: &str) {
+    for l in log.lines() {
+        let mut parts = l.splitn(3, ' ');
+        let (ts, stream) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        assert!(
+            ts.len() >= 20 && ts.contains('T') && matches!(stream, "stdout" | "stderr" | "ferry"),
+            "not a log line: {l:?}"
+        );
+    }
+}
+
+/// An instance's log is capped (rotated at `--log-max-size`, two files kept) and can still be
+/// read after the instance stopped and control forgot it (a minute later), followed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_are_capped_and_outlive_their_instance() -> Result<()> {
+    let c = TestCluster::start_configured(|a| a.log_max_size = Some("4Ki".into())).await?;
+    let image = c.push_testapp("testapp", "v1").await?;
+    c.deploy(
+        "chatty",
+        &json!({
+            "image": image, "cpu": "0.5", "memory": "128Mi", "max_instances": 1,
+            "idle_grace_secs": 1, "autoscaling": { "stable_window_secs": 4 }
+        }),
+    )
+    .await?;
+    // 40 request lines of ~460 bytes: 18 KiB written through a 4 KiB cap.
+    let pad = "p".repeat(400);
+    for i in 0..40 {
+        let r = c.get("chatty", &format!("/?n={i:03}&pad={pad}")).await?;
+        assert_eq!(r.status(), 200);
+    }
+    c.wait_for(
+        "the last request's line",
+        Duration::from_secs(5),
+        || async { Ok(c.logs("chatty", "").await?.contains("n=039")) },
+    )
+    .await?;
+    let id = c.instances("chatty").await?[0].id.clone();
+    let log = c.logs("chatty", "").await?;
+    assert_log_lines(&log);
+    assert!(
+        !log.contains("n=000"),
+        "the oldest lines rotated away:\n{log}"
+    );
+    assert!(log.len() <= 3 * 4096, "{} bytes kept", log.len());
+    let mut files: Vec<String> = std::fs::read_dir(c.log_dir())?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    files.sort();
+    assert_eq!(files, [format!("{id}.log"), format!("{id}.log.1")]);
+
+    // Idle: scaled to zero within seconds. Control forgets the stopped instance after a minute;
+    // its log is still there, by the usage record and the node that ran it.
+    c.wait_for(
+        "control to forget the instance",
+        Duration::from_secs(120),
+        || async { Ok(c.instances("chatty").await?.is_empty()) },
+    )
+    .await?;
+    for query in ["", &format!("instance={id}")] {
+        let log = c.logs("chatty", query).await?;
+        assert!(
+            log.contains("n=039") && log.contains("got SIGTERM"),
+            "{query}: {log}"
+        );
+    }
+    // Following a stopped instance's log gives what it holds and ends.
+    let followed = tokio::time::timeout(Duration::from_secs(10), c.logs("chatty", "follow=true"))
+        .await
+        .context("following a stopped instance's log ends")??;
+    assert!(followed.contains("got SIGTERM"), "{followed}");
+    let r = c
+        .http
+        .get(format!(
+            "{}/v1/services/chatty/logs?instance=chatty-nope",
+            c.api
+        ))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    c.stop().await
+}
+
+/// The logs of instances that no longer run go after `--log-retention`; a running instance's
+/// log stays however long it has been quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_of_stopped_instances_go_after_the_retention() -> Result<()> {
+    let c = TestCluster::start_configured(|a| a.log_retention = Some("1s".into())).await?;
+    let image = c.push_testapp("testapp", "v1").await?;
+    let spec = |extra: Value| {
+        let mut s = json!({ "image": image, "cpu": "0.5", "memory": "128Mi" });
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    };
+    c.deploy("brief", &spec(json!({ "idle_grace_secs": 1 })))
+        .await?;
+    c.deploy("steady", &spec(json!({ "min_instances": 1 })))
+        .await?;
+    assert_eq!(c.get("brief", "/").await?.status(), 200);
+    let brief = c.instances("brief").await?[0].id.clone();
+    c.wait_for("steady to be ready", Duration::from_secs(20), || async {
+        Ok(ready(&c, "steady").await? == 1)
+    })
+    .await?;
+    let steady = c.instances("steady").await?[0].id.clone();
+    let path = |id: &str| c.log_dir().join(format!("{id}.log"));
+    c.wait_for(
+        "the stopped instance's log to go",
+        Duration::from_secs(30),
+        || async { Ok(!path(&brief).exists()) },
+    )
+    .await?;
+    let r = c
+        .http
+        .get(format!("{}/v1/services/brief/logs?instance={brief}", c.api))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404, "{}", r.text().await?);
+    // Quiet for longer than the retention, and kept: it runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(path(&steady).exists());
+    assert!(c.logs("steady", "").await?.contains("listening on"));
+    c.stop().await
+}
+
 /// SIGTERM first, SIGKILL after the termination grace: an instance that ignores SIGTERM is
 /// killed once the grace is over; one that honours it ends at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

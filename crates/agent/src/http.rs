@@ -75,16 +75,25 @@ async fn logs(
     if let Some(r) = bad_id(&id) {
         return r;
     }
-    if !agent.log_path(&id).exists() {
-        return error(
+    let no_log = || {
+        error(
             StatusCode::NOT_FOUND,
             "instance_not_found",
             format!("no log for instance {id:?} on this node"),
-        );
+        )
+    };
+    if !agent.log_path(&id).exists() {
+        return no_log();
     }
     if !q.follow {
-        return match agent.read_log(&id).await {
-            Ok(text) => ([("content-type", "text/plain; charset=utf-8")], text).into_response(),
+        return match agent.log_reader(&id).await {
+            Ok(r) => (
+                [("content-type", "text/plain; charset=utf-8")],
+                Body::from_stream(tokio_util::io::ReaderStream::new(r)),
+            )
+                .into_response(),
+            // Removed by the retention sweep since the check above.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => no_log(),
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -95,7 +104,7 @@ async fn logs(
     // Followed until the client goes away: dropping the body drops the receiver, which stops
     // the follower, and the guard cancels it for good measure.
     let stop = CancellationToken::new();
-    let rx = agent.follow_log(&id, 0, stop.clone());
+    let rx = agent.follow_log(&id, stop.clone());
     let guard = stop.drop_guard();
     let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         let line = rx.recv().await?;

@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -481,7 +481,7 @@ async fn supervise(
         }
     };
     let log_path = shared.log_path(&id);
-    let log = match crate::logs::LogFile::create(&log_path) {
+    let log = match crate::logs::LogFile::create(&log_path, shared.config.log_max_bytes) {
         Ok(f) => f,
         Err(e) => {
             return (
@@ -622,31 +622,64 @@ async fn stop(
     End::Stopped
 }
 
+/// Sends the lines of the log at `path`: the rotated part and the current file, then what is
+/// appended, following it across rotations. Ends once `running` says the instance is gone and
+/// nothing more came (its last lines sent), when the log is removed, `stop` is cancelled or
+/// the receiver dropped.
 pub(crate) fn follow_log(
     path: PathBuf,
-    from: u64,
+    running: impl Fn() -> bool + Send + 'static,
     stop: CancellationToken,
 ) -> mpsc::Receiver<String> {
+    use std::os::unix::fs::MetadataExt;
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
-        let mut pos = from;
-        let mut pending = Vec::new();
+        let p = path.clone();
+        let Ok(Ok((older, current))) =
+            tokio::task::spawn_blocking(move || crate::logs::open_log(&p)).await
+        else {
+            return;
+        };
+        let mut lines = LineSplitter::default();
+        if let Some(f) = older
+            && lines
+                .send_rest(&mut tokio::fs::File::from_std(f), &tx)
+                .await
+                .is_none()
+        {
+            return;
+        }
+        let mut cur = tokio::fs::File::from_std(current);
+        let mut quiet_and_gone = 0;
         loop {
-            if let Ok(mut f) = tokio::fs::File::open(&path).await
-                && f.seek(std::io::SeekFrom::Start(pos)).await.is_ok()
-            {
-                let mut buf = Vec::new();
-                if let Ok(n) = f.read_to_end(&mut buf).await {
-                    pos += n as u64;
-                    pending.extend_from_slice(&buf);
-                    while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = pending.drain(..=i).collect();
-                        let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                        if tx.send(s).await.is_err() {
-                            return;
-                        }
-                    }
+            let Some(n) = lines.send_rest(&mut cur, &tx).await else {
+                return;
+            };
+            // The path names another file after a rotation: what the old one still held was
+            // just read; go on with the new one from its start.
+            let now = tokio::fs::metadata(&path).await.ok().map(|m| m.ino());
+            let mine = cur.metadata().await.ok().map(|m| m.ino());
+            if now != mine {
+                if lines.send_rest(&mut cur, &tx).await.is_none() {
+                    return;
                 }
+                match tokio::fs::File::open(&path).await {
+                    Ok(f) => {
+                        cur = f;
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            }
+            // Gone, and nothing written over two rounds: the collector had time to drain its
+            // pipes (it writes every few milliseconds).
+            if n == 0 && !running() {
+                quiet_and_gone += 1;
+                if quiet_and_gone >= 2 {
+                    return;
+                }
+            } else {
+                quiet_and_gone = 0;
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -656,6 +689,34 @@ pub(crate) fn follow_log(
         }
     });
     rx
+}
+
+/// Cuts what a log file gives into lines (without their newline) and sends them.
+#[derive(Default)]
+struct LineSplitter {
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Reads `f` to its end and sends its whole lines: how many bytes were read, None once
+    /// the receiver is gone.
+    async fn send_rest(
+        &mut self,
+        f: &mut tokio::fs::File,
+        tx: &mpsc::Sender<String>,
+    ) -> Option<usize> {
+        let mut buf = Vec::new();
+        let n = f.read_to_end(&mut buf).await.unwrap_or(0);
+        self.pending.extend_from_slice(&buf);
+        while let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=i).collect();
+            let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if tx.send(s).await.is_err() {
+                return None;
+            }
+        }
+        Some(n)
+    }
 }
 
 /// Runs `f` on a blocking thread with what exec needs to join instance `id`.
@@ -711,6 +772,52 @@ pub(crate) async fn spawn_exec(
 mod tests {
     use super::*;
     use ferry_api::{Cpu, Memory};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    async fn recv(rx: &mut mpsc::Receiver<String>) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a line or the end within 10 s")
+    }
+
+    #[tokio::test]
+    async fn following_a_log_goes_across_rotations_and_ends_when_the_instance_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.log");
+        // Four lines of 1,006 bytes fit in a file; the fifth starts the next one.
+        let log = crate::logs::LogFile::create(&path, 4096).unwrap();
+        let write = |i: usize| log.write(format!("{i:04} {}\n", "x".repeat(1000)).as_bytes(), "t");
+        // Kept before following starts: 4..8 rotated into `.1`, 8 and 9 current; 0..4 gone.
+        (0..10).for_each(write);
+        let running = Arc::new(AtomicBool::new(true));
+        let r = running.clone();
+        let mut rx = follow_log(
+            path.clone(),
+            move || r.load(Ordering::SeqCst),
+            CancellationToken::new(),
+        );
+        let mut got = Vec::new();
+        for _ in 4..10 {
+            got.push(recv(&mut rx).await.unwrap());
+        }
+        // Written while following, rotating twice more: every line arrives, in order.
+        for i in 10..19 {
+            write(i);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        for _ in 10..19 {
+            got.push(recv(&mut rx).await.unwrap());
+        }
+        let numbers: Vec<String> = got.iter().map(|l| l[..4].to_string()).collect();
+        let want: Vec<String> = (4..19).map(|i| format!("{i:04}")).collect();
+        assert_eq!(numbers, want);
+        assert!(got.iter().all(|l| l.len() == 1005));
+        // The instance goes: its last line still comes, then the stream ends.
+        write(19);
+        running.store(false, Ordering::SeqCst);
+        assert!(recv(&mut rx).await.unwrap().starts_with("0019 "));
+        assert_eq!(recv(&mut rx).await, None);
+    }
 
     fn spec() -> InstanceSpec {
         InstanceSpec {

@@ -84,7 +84,15 @@ pub struct Config {
     /// task migrations then skip an RCU grace period of 5–24 ms, most of an isolated cold
     /// start on this kind of host, for slightly dearer forks and exits host-wide.
     pub cgroup_favor_dynmods: bool,
+    /// An instance's log file is rotated at this size; one rotated file is kept, so an
+    /// instance holds at most twice this on disk.
+    pub log_max_bytes: u64,
+    /// Logs of instances that no longer run are removed once unwritten for this long.
+    pub log_retention: Duration,
 }
+
+/// The smallest [`Config::log_max_bytes`].
+pub const MIN_LOG_MAX_BYTES: u64 = 4096;
 
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>, node_name: impl Into<String>) -> Config {
@@ -100,6 +108,8 @@ impl Config {
             start_timeout: Duration::from_secs(60),
             default_pids_limit: 1024,
             cgroup_favor_dynmods: true,
+            log_max_bytes: 10 << 20,
+            log_retention: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -114,6 +124,21 @@ impl Config {
             return Err(AgentError::Config {
                 key: "data_dir",
                 message: format!("{:?} must be absolute", self.data_dir),
+            });
+        }
+        if self.log_max_bytes < MIN_LOG_MAX_BYTES {
+            return Err(AgentError::Config {
+                key: "log_max_bytes",
+                message: format!(
+                    "{} bytes: a log file must be allowed at least {MIN_LOG_MAX_BYTES}",
+                    self.log_max_bytes
+                ),
+            });
+        }
+        if self.log_retention < Duration::from_secs(1) {
+            return Err(AgentError::Config {
+                key: "log_retention",
+                message: format!("{:?}: must be at least a second", self.log_retention),
             });
         }
         if self.net.prefix < 8 || self.net.prefix > 30 {
@@ -140,7 +165,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn log_path(&self, id: &str) -> PathBuf {
-        self.config.data_dir.join("logs").join(format!("{id}.log"))
+        logs::log_path(&self.config.data_dir, id)
     }
 
     pub(crate) fn node_info(&self) -> NodeInfo {
@@ -195,28 +220,54 @@ impl Agent {
         &self.config
     }
 
-    /// The log file of an instance: lines `<RFC3339> stdout|stderr <line>`.
+    /// The log file of an instance: lines `<RFC3339> stdout|stderr <line>` (and `ferry <note>`
+    /// where output was lost); the part before the last rotation is in `<path>.1`.
     pub fn log_path(&self, instance_id: &str) -> PathBuf {
-        self.config
-            .data_dir
-            .join("logs")
-            .join(format!("{instance_id}.log"))
+        logs::log_path(&self.config.data_dir, instance_id)
     }
 
-    /// The whole log of an instance so far.
-    pub async fn read_log(&self, instance_id: &str) -> std::io::Result<String> {
-        tokio::fs::read_to_string(self.log_path(instance_id)).await
-    }
-
-    /// Sends log lines as they are written, starting at byte `from`, until `stop` is cancelled
-    /// or the receiver is dropped.
-    pub fn follow_log(
+    /// An instance's whole log as kept: the rotated part, then the current file.
+    pub async fn log_reader(
         &self,
         instance_id: &str,
-        from: u64,
-        stop: CancellationToken,
-    ) -> mpsc::Receiver<String> {
-        instance::follow_log(self.log_path(instance_id), from, stop)
+    ) -> std::io::Result<impl tokio::io::AsyncRead + Send + Unpin + use<>> {
+        use tokio::io::AsyncReadExt;
+        let path = self.log_path(instance_id);
+        let (older, current) = tokio::task::spawn_blocking(move || logs::open_log(&path))
+            .await
+            .map_err(std::io::Error::other)??;
+        let older: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match older {
+            Some(f) => Box::new(tokio::fs::File::from_std(f)),
+            None => Box::new(tokio::io::empty()),
+        };
+        Ok(older.chain(tokio::fs::File::from_std(current)))
+    }
+
+    /// An instance's whole log as kept, as text.
+    pub async fn read_log(&self, instance_id: &str) -> std::io::Result<String> {
+        use tokio::io::AsyncReadExt;
+        let mut text = String::new();
+        self.log_reader(instance_id)
+            .await?
+            .read_to_string(&mut text)
+            .await?;
+        Ok(text)
+    }
+
+    /// Sends an instance's log lines, those kept and then those written, until the instance
+    /// no longer runs on this agent (and its last lines are sent), `stop` is cancelled or the
+    /// receiver is dropped. Follows the log across rotations.
+    pub fn follow_log(&self, instance_id: &str, stop: CancellationToken) -> mpsc::Receiver<String> {
+        let shared = self.shared.clone();
+        let id = instance_id.to_string();
+        let running = move || {
+            shared
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|s| s.instances.lock().unwrap().contains_key(&id))
+        };
+        instance::follow_log(self.log_path(instance_id), running, stop)
     }
 
     /// The running agent's state, for a call about `instance_id` (none before `run`).
@@ -348,8 +399,9 @@ impl Agent {
         *self.shared.lock().unwrap() = Some(shared.clone());
         shared.emit(AgentEvent::Node(shared.node_info())).await;
         let tasks = tokio_util::task::TaskTracker::new();
-        let stop_sampling = shutdown.child_token();
-        tasks.spawn(sample_loop(shared.clone(), stop_sampling.clone()));
+        let stop_background = shutdown.child_token();
+        tasks.spawn(sample_loop(shared.clone(), stop_background.clone()));
+        tasks.spawn(log_sweep_loop(shared.clone(), stop_background.clone()));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -359,7 +411,7 @@ impl Agent {
                 }
             }
         }
-        stop_sampling.cancel();
+        stop_background.cancel();
         // Stop everything still running.
         let handles: Vec<_> = shared
             .instances
@@ -466,6 +518,35 @@ async fn handle_command(
                     Err(e) => tracing::warn!(image = ?image, error = %e, "prepull failed"),
                 }
             });
+        }
+    }
+}
+
+/// Removes the logs of instances that no longer run once they are older than `log_retention`:
+/// at start (what earlier runs left) and then every quarter of it (at most a minute apart).
+async fn log_sweep_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let retention = shared.config.log_retention;
+    let mut tick = tokio::time::interval(
+        (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = shared.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            logs::sweep(&s.config.data_dir.join("logs"), retention, |id| {
+                s.instances.lock().unwrap().contains_key(id)
+            })
+        })
+        .await;
+        match swept {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(files = n, "logs past their retention removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "removing old instance logs"),
+            Err(e) => tracing::warn!(error = %e, "log sweep task"),
         }
     }
 }

@@ -33,46 +33,219 @@ const MAX_LINE: usize = 64 << 10;
 /// An instance's log file, open only while the instance writes to it: an idle instance costs
 /// the agent no descriptor for its log (thousands of idle instances otherwise held thousands
 /// of files open, a quarter of the agent's descriptors; docs/agent.md).
+///
+/// The file is capped: a write that would take it past `max_bytes` first renames it to
+/// `<path>.1` (replacing the one before) and starts a new one, so an instance keeps at most
+/// twice the cap on disk however much it prints. Output that cannot be written (a full disk,
+/// the directory gone) is counted, logged once by the agent, and noted in the log as a
+/// `ferry` line once writing works again.
 pub(crate) struct LogFile {
     path: PathBuf,
-    open: Mutex<Option<(File, Instant)>>,
+    max_bytes: u64,
+    state: Mutex<WriteState>,
+}
+
+#[derive(Default)]
+struct WriteState {
+    open: Option<Open>,
+    /// Bytes of output dropped since the last write that worked, and why.
+    lost: u64,
+    error: String,
+}
+
+struct Open {
+    file: File,
+    len: u64,
+    at: Instant,
 }
 
 impl LogFile {
     /// Creates the file (or keeps what it holds) and closes it again.
-    pub(crate) fn create(path: &Path) -> std::io::Result<Arc<LogFile>> {
+    pub(crate) fn create(path: &Path, max_bytes: u64) -> std::io::Result<Arc<LogFile>> {
         open_append(path)?;
         Ok(Arc::new(LogFile {
             path: path.to_path_buf(),
-            open: Mutex::new(None),
+            max_bytes,
+            state: Mutex::default(),
         }))
     }
 
-    fn write(&self, data: &[u8]) -> std::io::Result<()> {
-        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let f = match g.take() {
-            Some((f, _)) => f,
-            None => open_append(&self.path)?,
+    /// Appends `data` (whole lines stamped `ts`), rotating first when the file is full.
+    pub(crate) fn write(&self, data: &[u8], ts: &str) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let r = if g.lost == 0 {
+            g.append(&self.path, self.max_bytes, data)
+        } else {
+            let mut buf = Vec::with_capacity(data.len() + 128);
+            let note = format!("{} bytes of output lost: {}", g.lost, g.error);
+            push_line(&mut buf, ts, "ferry", note.as_bytes());
+            buf.extend_from_slice(data);
+            g.append(&self.path, self.max_bytes, &buf)
         };
-        let r = (&f).write_all(data);
-        *g = Some((f, Instant::now()));
-        r
+        match r {
+            Ok(()) if g.lost > 0 => {
+                tracing::info!(log = %self.path.display(), lost_bytes = g.lost, "instance log writable again");
+                g.lost = 0;
+                g.error.clear();
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if g.lost == 0 {
+                    tracing::warn!(
+                        log = %self.path.display(),
+                        error = %e,
+                        "instance output lost: its log cannot be written"
+                    );
+                }
+                g.lost += data.len() as u64;
+                g.error = e.to_string();
+            }
+        }
     }
 
     /// Closes the file if nothing was written to it for `idle`.
     fn close_if_idle(&self, now: Instant, idle: Duration) {
-        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if g.as_ref()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= idle)
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.open
+            .as_ref()
+            .is_some_and(|o| now.saturating_duration_since(o.at) >= idle)
         {
-            *g = None;
+            g.open = None;
         }
     }
 
     #[cfg(test)]
     fn is_open(&self) -> bool {
-        self.open.lock().unwrap().is_some()
+        self.state.lock().unwrap().open.is_some()
     }
+}
+
+impl WriteState {
+    /// Appends `data` (whole lines), rotating where the next line would take the file past
+    /// `max_bytes`: a file passes the cap only when it holds one line longer than it. On an
+    /// error the file is closed, so the next write opens it afresh.
+    fn append(&mut self, path: &Path, max_bytes: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut open = match self.open.take() {
+            Some(o) => o,
+            None => {
+                let file = open_append(path)?;
+                let len = file.metadata()?.len();
+                Open {
+                    file,
+                    len,
+                    at: Instant::now(),
+                }
+            }
+        };
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = usize::try_from(max_bytes.saturating_sub(open.len)).unwrap_or(usize::MAX);
+            let take = if rest.len() <= room {
+                rest.len()
+            } else {
+                match rest[..room].iter().rposition(|&b| b == b'\n') {
+                    Some(i) => i + 1,
+                    // Not even one line fits an empty file: it gets that line alone.
+                    None if open.len == 0 => rest
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(rest.len(), |i| i + 1),
+                    None => 0,
+                }
+            };
+            if take == 0 {
+                drop(open);
+                std::fs::rename(path, rotated(path))?;
+                open = Open {
+                    file: open_append(path)?,
+                    len: 0,
+                    at: Instant::now(),
+                };
+                continue;
+            }
+            (&open.file).write_all(&rest[..take])?;
+            open.len += take as u64;
+            rest = &rest[take..];
+        }
+        open.at = Instant::now();
+        self.open = Some(open);
+        Ok(())
+    }
+}
+
+/// Where a full log goes: `<path>.1`.
+pub(crate) fn rotated(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".1");
+    PathBuf::from(p)
+}
+
+/// An instance's log file under an agent's data dir: lines `<RFC 3339> stdout|stderr <line>`.
+pub(crate) fn log_path(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("logs").join(format!("{id}.log"))
+}
+
+/// Opens an instance's log as it stands: the rotated file, if there is one, and the current
+/// one, as a pair that follow each other (opened again if the log rotates in between).
+pub(crate) fn open_log(path: &Path) -> std::io::Result<(Option<File>, File)> {
+    use std::os::unix::fs::MetadataExt;
+    let older_path = rotated(path);
+    for _ in 0..16 {
+        let older = match File::open(&older_path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let current = File::open(path)?;
+        let older_ino = match &older {
+            Some(f) => Some(f.metadata()?.ino()),
+            None => None,
+        };
+        // Unchanged since it was opened: no rotation came between the two opens.
+        if std::fs::metadata(&older_path).ok().map(|m| m.ino()) == older_ino {
+            return Ok((older, current));
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "{}: rotated on every attempt to open it",
+        path.display()
+    )))
+}
+
+/// Removes the logs in `dir` of instances `running` does not name whose last write is older
+/// than `retention`; returns how many files went.
+pub(crate) fn sweep(
+    dir: &Path,
+    retention: Duration,
+    running: impl Fn(&str) -> bool,
+) -> std::io::Result<usize> {
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(id) = name
+            .strip_suffix(".log")
+            .or_else(|| name.strip_suffix(".log.1"))
+        else {
+            continue;
+        };
+        if running(id) {
+            continue;
+        }
+        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
+            continue;
+        };
+        if now.duration_since(modified).unwrap_or_default() > retention {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -258,7 +431,7 @@ impl Stream {
             self.partial.clear();
         }
         if !out.is_empty() {
-            let _ = self.log.write(out);
+            self.log.write(out, ts);
         }
         open
     }
@@ -313,7 +486,7 @@ mod tests {
     fn lines_keep_one_line_each_across_reads_and_the_last_comes_at_close() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
-        let log = LogFile::create(&path).unwrap();
+        let log = LogFile::create(&path, 1 << 20).unwrap();
         let (r, mut w) = pipe();
         collect(r, "stdout", log).unwrap();
         w.write_all(b"one\ntwo\nthr").unwrap();
@@ -349,7 +522,7 @@ mod tests {
         let mut writers = Vec::new();
         for i in 0..20 {
             let path = dir.path().join(format!("{i}.log"));
-            let log = LogFile::create(&path).unwrap();
+            let log = LogFile::create(&path, 1 << 20).unwrap();
             let (r, w) = pipe();
             collect(r, "stderr", log).unwrap();
             writers.push((path, w));
@@ -376,9 +549,9 @@ mod tests {
     fn a_log_file_is_open_only_while_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("i.log");
-        let log = LogFile::create(&path).unwrap();
+        let log = LogFile::create(&path, 1 << 20).unwrap();
         assert!(!log.is_open(), "created and closed");
-        log.write(b"a\n").unwrap();
+        log.write(b"a\n", "t");
         assert!(log.is_open());
         // Written a moment ago: kept open.
         log.close_if_idle(Instant::now(), Duration::from_secs(10));
@@ -389,7 +562,125 @@ mod tests {
         );
         assert!(!log.is_open());
         // The next line reopens it and appends.
-        log.write(b"b\n").unwrap();
+        log.write(b"b\n", "t");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "a\nb\n");
+    }
+
+    fn read_pair(path: &Path) -> (String, String) {
+        use std::io::Read;
+        let (older, mut current) = open_log(path).unwrap();
+        let mut a = String::new();
+        if let Some(mut f) = older {
+            f.read_to_string(&mut a).unwrap();
+        }
+        let mut b = String::new();
+        current.read_to_string(&mut b).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn a_full_log_rotates_and_two_files_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.log");
+        let log = LogFile::create(&path, 4096).unwrap();
+        let chunk = |c: char| format!("{}\n", c.to_string().repeat(2999));
+        log.write(chunk('a').as_bytes(), "t");
+        assert_eq!(read_pair(&path), (String::new(), chunk('a')));
+        // 6,000 bytes would pass the cap: the first file becomes `.1`.
+        log.write(chunk('b').as_bytes(), "t");
+        assert_eq!(read_pair(&path), (chunk('a'), chunk('b')));
+        // Rotated again after the file was closed and reopened: the oldest part goes.
+        log.close_if_idle(Instant::now() + IDLE_CLOSE, IDLE_CLOSE);
+        log.write(chunk('c').as_bytes(), "t");
+        assert_eq!(read_pair(&path), (chunk('b'), chunk('c')));
+        // Under the cap: appended.
+        log.write(b"d\n", "t");
+        assert_eq!(read_pair(&path), (chunk('b'), chunk('c') + "d\n"));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_write_larger_than_the_cap_is_cut_at_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.log");
+        let log = LogFile::create(&path, 4096).unwrap();
+        // One round of the collector can carry many lines: 10 of 1,000 bytes.
+        let line = |i: usize| format!("{i} {}\n", "x".repeat(997));
+        let all: String = (0..10).map(line).collect();
+        log.write(all.as_bytes(), "t");
+        let (older, current) = read_pair(&path);
+        assert_eq!(older, (4..8).map(line).collect::<String>());
+        assert_eq!(current, (8..10).map(line).collect::<String>());
+        // A line longer than the cap gets a file of its own.
+        let long = format!("{}\n", "y".repeat(5000));
+        log.write(long.as_bytes(), "t");
+        log.write(b"after\n", "t");
+        assert_eq!(read_pair(&path), (long, "after\n".to_string()));
+    }
+
+    #[test]
+    fn output_that_cannot_be_written_is_counted_and_noted_when_writing_works_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let path = logs.join("i.log");
+        let log = LogFile::create(&path, 1 << 20).unwrap();
+        log.write(b"t0 stdout first\n", "t0");
+        // The directory goes while the file is open: the open file still takes the write.
+        std::fs::remove_dir_all(&logs).unwrap();
+        log.write(b"t1 stdout unseen\n", "t1");
+        // Once closed, it cannot be opened again: lost, and counted.
+        log.close_if_idle(Instant::now() + IDLE_CLOSE, IDLE_CLOSE);
+        log.write(b"t2 stdout lost one\n", "t2");
+        log.write(b"t3 stdout lost two\n", "t3");
+        assert!(!log.is_open());
+        std::fs::create_dir(&logs).unwrap();
+        log.write(b"t4 stdout back\n", "t4");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with("t4 ferry 38 bytes of output lost: ")
+                && lines[0].contains("No such file"),
+            "{text}"
+        );
+        assert_eq!(lines[1], "t4 stdout back");
+        // Counted from zero again.
+        log.write(b"t5 stdout more\n", "t5");
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .ends_with("t4 stdout back\nt5 stdout more\n")
+        );
+    }
+
+    #[test]
+    fn old_logs_of_instances_that_no_longer_run_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+        for (name, when) in [
+            ("gone.log", Some(old)),
+            ("gone.log.1", Some(old)),
+            ("running.log", Some(old)),
+            ("fresh.log", None),
+            ("other.txt", Some(old)),
+        ] {
+            let f = File::create(dir.path().join(name)).unwrap();
+            if let Some(t) = when {
+                f.set_modified(t).unwrap();
+            }
+        }
+        let removed = sweep(dir.path(), Duration::from_secs(3600), |id| id == "running").unwrap();
+        assert_eq!(removed, 2);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["fresh.log", "other.txt", "running.log"]);
     }
 }

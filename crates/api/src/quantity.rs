@@ -79,30 +79,35 @@ impl FromStr for Memory {
     type Err = QuantityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        let syntax = || QuantityError::MemorySyntax(s.to_string());
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let mult: u64 = match unit {
-            "" => 1,
-            "Ki" => 1 << 10,
-            "Mi" => 1 << 20,
-            "Gi" => 1 << 30,
-            "Ti" => 1 << 40,
-            "k" | "K" => 1_000,
-            "M" => 1_000_000,
-            "G" => 1_000_000_000,
-            "T" => 1_000_000_000_000,
-            _ => return Err(syntax()),
-        };
-        let bytes = parse_decimal_scaled(num, mult).ok_or_else(syntax)?;
+        let bytes = parse_bytes(s).ok_or_else(|| QuantityError::MemorySyntax(s.to_string()))?;
         if !(Self::MIN..=Self::MAX).contains(&bytes) {
             return Err(QuantityError::MemoryRange(s.to_string()));
         }
         Ok(Memory(bytes))
     }
+}
+
+/// A size in bytes written as Kubernetes writes quantities: `512`, `64Ki`, `10Mi`, `1.5Gi`,
+/// `2G`; `None` when the syntax is wrong or it is not a whole number of bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    parse_decimal_scaled(num, mult)
 }
 
 impl fmt::Display for Memory {

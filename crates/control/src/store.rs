@@ -91,7 +91,8 @@ impl Store {
                 memory_bytes INTEGER,
                 amount INTEGER);
              CREATE INDEX IF NOT EXISTS usage_by_time ON usage_events(t0);
-             CREATE INDEX IF NOT EXISTS usage_open ON usage_events(kind, stop_ms);",
+             CREATE INDEX IF NOT EXISTS usage_open ON usage_events(kind, stop_ms);
+             CREATE INDEX IF NOT EXISTS usage_by_service ON usage_events(service, t0);",
         )?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -405,6 +406,27 @@ impl Store {
              WHERE kind = 'instance' AND stop_ms IS NULL",
             [],
         )?)
+    }
+
+    /// The newest instance of `service` started at `since_ms` or later — or `wanted`, if it is
+    /// one of them — from the usage record, which outlives control's memory of instances.
+    pub fn past_instance(
+        &self,
+        service: &str,
+        since_ms: u64,
+        wanted: Option<&str>,
+    ) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT instance FROM usage_events
+                 WHERE service = ?1 AND t0 >= ?2 AND kind = 'instance' AND instance IS NOT NULL
+                   AND (?3 IS NULL OR instance = ?3)
+                 ORDER BY t0 DESC LIMIT 1",
+                params![service, sql_u64(since_ms), wanted],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// The events that can touch `window`: instances overlapping it (open ones included),

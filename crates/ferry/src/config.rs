@@ -57,6 +57,14 @@ pub struct DaemonArgs {
     /// never overcommitted [default: 1]
     #[arg(long, env = "FERRY_CPU_OVERCOMMIT", value_name = "FACTOR")]
     pub cpu_overcommit: Option<f64>,
+    /// An instance's log file is rotated at this size (`10Mi`, `512Ki`); one rotated file is
+    /// kept, so an instance holds at most twice this on disk [default: 10Mi]
+    #[arg(long, env = "FERRY_LOG_MAX_SIZE", value_name = "SIZE")]
+    pub log_max_size: Option<String>,
+    /// How long the logs of an instance that no longer runs are kept after their last line
+    /// (`24h`, `30m`, `90s`) [default: 24h]
+    #[arg(long, env = "FERRY_LOG_RETENTION", value_name = "DURATION")]
+    pub log_retention: Option<String>,
     /// Registry basic-auth user as `name:password` (repeatable); turns registry auth on
     #[arg(
         long = "registry-user",
@@ -89,6 +97,8 @@ struct FileConfig {
     price_plan: Option<PathBuf>,
     cgroup_favordynmods: Option<bool>,
     cpu_overcommit: Option<f64>,
+    log_max_size: Option<String>,
+    log_retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +130,10 @@ pub struct Settings {
     pub cgroup_favordynmods: bool,
     /// Node CPU handed out per core (1 to 100).
     pub cpu_overcommit: f64,
+    /// Instance log rotation size, bytes.
+    pub log_max_bytes: u64,
+    /// How long logs of instances that no longer run are kept.
+    pub log_retention: std::time::Duration,
 }
 
 impl DaemonArgs {
@@ -176,6 +190,34 @@ impl DaemonArgs {
                  (how many times its cores a node hands out)"
             );
         }
+        let log_max_size = self
+            .log_max_size
+            .clone()
+            .or(file.log_max_size)
+            .unwrap_or_else(|| "10Mi".into());
+        let log_max_bytes = ferry_api::quantity::parse_bytes(&log_max_size)
+            .filter(|b| *b >= ferry_agent::MIN_LOG_MAX_BYTES)
+            .with_context(|| {
+                format!(
+                    "log max size {log_max_size:?}: expected a size of at least 4Ki, like 10Mi \
+                     or 512Ki"
+                )
+            })?;
+        let log_retention = self
+            .log_retention
+            .clone()
+            .or(file.log_retention)
+            .unwrap_or_else(|| "24h".into());
+        let log_retention = parse_secs(&log_retention)
+            .ok()
+            .filter(|s| *s >= 1)
+            .map(std::time::Duration::from_secs)
+            .with_context(|| {
+                format!(
+                    "log retention {log_retention:?}: expected a duration of at least 1s, like \
+                     24h, 30m or 90s"
+                )
+            })?;
         let node_name = match self.node_name.clone().or(file.node_name) {
             Some(n) => n,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -201,6 +243,8 @@ impl DaemonArgs {
                 .or(file.cgroup_favordynmods)
                 .unwrap_or(true),
             cpu_overcommit,
+            log_max_bytes,
+            log_retention,
             api_addr: addr(self.api_addr, file.api_addr, DEFAULT_API_ADDR),
             gateway_addr: addr(self.gateway_addr, file.gateway_addr, DEFAULT_GATEWAY_ADDR),
             registry_addr: addr(
@@ -215,6 +259,20 @@ impl DaemonArgs {
                 .unwrap_or_else(|| DEFAULT_DOMAIN.into()),
         })
     }
+}
+
+/// `60`, `60s`, `2m`, `1h` → seconds.
+pub fn parse_secs(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.trim() {
+        t if t.ends_with('h') => (&t[..t.len() - 1], 3600),
+        t if t.ends_with('m') => (&t[..t.len() - 1], 60),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1),
+        t => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: expected a duration like 60s, 2m or 1h"))
 }
 
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -288,6 +346,45 @@ mod tests {
             args.cpu_overcommit = Some(bad);
             let err = format!("{:#}", args.resolve().unwrap_err());
             assert!(err.contains("cpu overcommit"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn log_size_and_retention_default_parse_and_refuse_nonsense() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ferry.toml");
+        std::fs::write(&cfg, "log_max_size = \"1Mi\"\nlog_retention = \"30m\"\n").unwrap();
+        let s = DaemonArgs::default().resolve().unwrap();
+        assert_eq!(s.log_max_bytes, 10 << 20);
+        assert_eq!(s.log_retention, std::time::Duration::from_secs(24 * 3600));
+        let mut args = DaemonArgs {
+            config: Some(cfg),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.log_max_bytes, 1 << 20);
+        assert_eq!(s.log_retention, std::time::Duration::from_secs(1800));
+        args.log_max_size = Some("512Ki".into());
+        args.log_retention = Some("90s".into());
+        let s = args.resolve().unwrap();
+        assert_eq!(s.log_max_bytes, 512 << 10);
+        assert_eq!(s.log_retention, std::time::Duration::from_secs(90));
+        for bad in ["1Ki", "0", "ten", "-5Mi"] {
+            args.log_max_size = Some(bad.into());
+            let err = format!("{:#}", args.resolve().unwrap_err());
+            assert!(
+                err.contains("log max size") && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
+        args.log_max_size = None;
+        for bad in ["0s", "a day", "-1h"] {
+            args.log_retention = Some(bad.into());
+            let err = format!("{:#}", args.resolve().unwrap_err());
+            assert!(
+                err.contains("log retention") && err.contains(bad),
+                "{bad}: {err}"
+            );
         }
     }
 }

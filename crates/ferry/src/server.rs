@@ -103,6 +103,8 @@ impl Platform {
         agent.cpu_allocatable = cpu;
         agent.cgroup_favor_dynmods = settings.cgroup_favordynmods;
         agent.memory_allocatable = memory;
+        agent.log_max_bytes = settings.log_max_bytes;
+        agent.log_retention = settings.log_retention;
         agent.net = ferry_agent::net::NetConfig {
             bridge: settings.bridge.clone(),
             gateway: settings.bridge_address,

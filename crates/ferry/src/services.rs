@@ -58,12 +58,14 @@ pub enum ServiceCommand {
         #[command(flatten)]
         api: Api,
     },
-    /// Print an instance's stdout/stderr (the newest instance unless --instance).
+    /// Print an instance's stdout/stderr: the newest instance's, running or stopped, unless
+    /// --instance (a stopped instance's log is kept for the node's --log-retention).
     Logs {
         name: String,
-        /// Keep printing as lines arrive.
+        /// Keep printing as lines arrive (until a stopped instance's log ends).
         #[arg(short, long)]
         follow: bool,
+        /// An instance id, as `ferry describe` lists them.
         #[arg(long)]
         instance: Option<String>,
         #[command(flatten)]
@@ -149,7 +151,7 @@ pub struct DeployArgs {
     #[arg(long = "scale-metric")]
     scale_metrics: Vec<String>,
     /// Autoscaler stable window: `60s`, `2m`.
-    #[arg(long, value_parser = parse_secs)]
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     stable_window: Option<u64>,
     /// Panic window as a percentage of the stable window.
     #[arg(long)]
@@ -158,7 +160,7 @@ pub struct DeployArgs {
     #[arg(long)]
     panic_threshold_pct: Option<u32>,
     /// The count falls only to the largest wanted within this delay: `0s`, `30s`.
-    #[arg(long, value_parser = parse_secs)]
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     scale_down_delay: Option<u64>,
     /// At most this many times the ready count per decision.
     #[arg(long)]
@@ -173,14 +175,14 @@ pub struct DeployArgs {
     #[arg(long)]
     anti_thrash_flips: Option<u32>,
     /// The window flips are counted in: `120s`.
-    #[arg(long, value_parser = parse_secs)]
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     anti_thrash_window: Option<u64>,
     /// How long the warm count is held once engaged: `120s`.
-    #[arg(long, value_parser = parse_secs)]
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     anti_thrash_cooldown: Option<u64>,
     /// On scale-down or a revision switch, keep a draining instance's WebSockets up to this
     /// long before SIGTERM: `60s`.
-    #[arg(long, value_parser = parse_secs)]
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     websocket_drain: Option<u64>,
     /// Wait until the new revision serves the traffic.
     #[arg(long)]
@@ -654,20 +656,6 @@ fn describe(s: &ServiceView) {
     }
 }
 
-/// `60`, `60s`, `2m`, `1h` → seconds.
-fn parse_secs(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.trim() {
-        t if t.ends_with('h') => (&t[..t.len() - 1], 3600),
-        t if t.ends_with('m') => (&t[..t.len() - 1], 60),
-        t if t.ends_with('s') => (&t[..t.len() - 1], 1),
-        t => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?}: expected a duration like 60s, 2m or 1h"))
-}
-
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "true" | "yes" => Ok(true),
@@ -816,6 +804,7 @@ fn print_table(rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry::config::parse_secs;
 
     #[test]
     fn flags_parse() {
