@@ -708,13 +708,18 @@ impl LineSplitter {
         let mut buf = Vec::new();
         let n = f.read_to_end(&mut buf).await.unwrap_or(0);
         self.pending.extend_from_slice(&buf);
-        while let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=i).collect();
-            let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+        // Whole lines go out; the rest waits. One drain at the end: draining line by line
+        // moved the rest of a 10 MiB read once per line.
+        let mut start = 0;
+        while let Some(i) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            let line = &self.pending[start..start + i];
+            let s = String::from_utf8_lossy(line).into_owned();
+            start += i + 1;
             if tx.send(s).await.is_err() {
                 return None;
             }
         }
+        self.pending.drain(..start);
         Some(n)
     }
 }
