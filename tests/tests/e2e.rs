@@ -145,15 +145,11 @@ async fn fifty_concurrent_requests_at_zero() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redeploy_under_steady_load_loses_no_request() -> Result<()> {
-    let (c, image) = cluster_with_app("steady", json!({ "min_instances": 1 })).await?;
-    c.wait_for("first instance", Duration::from_secs(20), || async {
-        Ok(c.service("steady")
-            .await?
-            .revisions
-            .iter()
-            .any(|r| r.ready_instances > 0))
-    })
-    .await?;
+    // Min 0, the default: the new revision gets an instance of its own before the traffic
+    // moves (before, with the demand all on the old revision, nothing asked for one and the
+    // rollout waited until the load stopped).
+    let (c, image) = cluster_with_app("steady", json!({})).await?;
+    assert_eq!(c.get("steady", "/env").await?.status(), 200);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..4 {
@@ -180,20 +176,25 @@ async fn redeploy_under_steady_load_loses_no_request() -> Result<()> {
         });
     }
     let driver = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let s = c.deploy("steady", &json!({ "image": image, "cpu": "0.5", "memory": "128Mi", "min_instances": 1, "env": { "V": "2" } })).await?;
-        assert_eq!(s.latest_revision, "steady-00002");
-        c.wait_for("rollout", Duration::from_secs(20), || async {
-            let s = c.service("steady").await?;
-            Ok(s.traffic
-                .iter()
-                .any(|t| t.revision == "steady-00002" && t.percent == 100))
-        })
-        .await?;
-        // Keep the load on while the old revision drains and stops.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let r = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let s = c.deploy("steady", &json!({ "image": image, "cpu": "0.5", "memory": "128Mi", "env": { "V": "2" } })).await?;
+            assert_eq!(s.latest_revision, "steady-00002");
+            c.wait_for("rollout", Duration::from_secs(20), || async {
+                let s = c.service("steady").await?;
+                Ok(s.traffic
+                    .iter()
+                    .any(|t| t.revision == "steady-00002" && t.percent == 100))
+            })
+            .await?;
+            // Keep the load on while the old revision drains and stops.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            anyhow::Ok(())
+        }
+        .await;
+        // The workers stop whatever happened, or a failure would hang the test.
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        anyhow::Ok(())
+        r
     };
     let (results, d) = tokio::join!(futures_util::future::join_all(workers), driver);
     d?;

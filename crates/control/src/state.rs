@@ -349,8 +349,16 @@ impl Live {
                 let want = if in_traffic {
                     // Scaling bounds come from the service (scale changes them without a
                     // revision); the rest of the autoscaler's settings from the revision.
-                    let cfg =
-                        scaling::config(svc.spec.min_instances, svc.spec.max_instances, &rev.spec);
+                    // A revision waiting to take the traffic gets one instance whatever its
+                    // minimum (Knative's initial scale of 1): the traffic, and so the demand,
+                    // stays on the old revision until it has a ready instance, so with min 0
+                    // nothing asked for one and a busy service never rolled out.
+                    let min = if svc.rollout_pending && rev.name == svc.latest_revision {
+                        svc.spec.min_instances.max(1)
+                    } else {
+                        svc.spec.min_instances
+                    };
+                    let cfg = scaling::config(min, svc.spec.max_instances, &rev.spec);
                     scaler.tick(now, &ready, n_live, rev.spec.scale_metrics(), cfg)
                 } else {
                     scaler.out_of_traffic(now);
@@ -685,5 +693,55 @@ mod tests {
         let v = live.scalers["s-00001"].view("s-00001");
         assert_eq!((v.starts, v.stops, v.desired), (3, 3, 0));
         assert!(v.decisions.len() >= 2, "{v:?}");
+    }
+
+    #[test]
+    fn a_new_revision_gets_an_instance_and_the_traffic_while_the_old_one_is_busy() {
+        let mut live = Live::default();
+        live.nodes.insert(
+            "n".into(),
+            NodeInfo {
+                node: "n".into(),
+                cpu_allocatable: Cpu(4000),
+                memory_allocatable: Memory(4 << 30),
+                cached_images: vec![],
+                api_address: None,
+            },
+        );
+        let mut svcs = service();
+        let t0 = 1_000_000;
+        let starts_of = |a: &Actions, rev: &str| {
+            a.commands
+                .iter()
+                .filter(|(_, c)| matches!(c, AgentCommand::Start { spec } if spec.revision == rev))
+                .count()
+        };
+        live.scalers
+            .entry("s-00001".into())
+            .or_default()
+            .on_demand(1, t0);
+        assert_eq!(starts_of(&live.reconcile(&svcs, t0), "s-00001"), 1);
+        ready_all(&mut live, t0 + 100);
+        // A second revision (min 0) while requests keep coming to the first.
+        let (svc, revs) = &mut svcs[0];
+        let mut rev2 = revs[0].clone();
+        rev2.name = "s-00002".into();
+        revs.push(rev2);
+        svc.latest_revision = "s-00002".into();
+        svc.rollout_pending = true;
+        let busy = |live: &mut Live, now: u64| {
+            live.scalers
+                .entry("s-00001".into())
+                .or_default()
+                .on_demand(1, now)
+        };
+        busy(&mut live, t0 + 200);
+        let a = live.reconcile(&svcs, t0 + 200);
+        assert_eq!(starts_of(&a, "s-00002"), 1, "{:?}", a.commands);
+        assert!(a.rollouts.is_empty(), "not before it is ready");
+        ready_all(&mut live, t0 + 300);
+        busy(&mut live, t0 + 400);
+        let a = live.reconcile(&svcs, t0 + 400);
+        assert_eq!(a.rollouts, [("s".to_string(), "s-00002".to_string())]);
     }
 }
