@@ -133,11 +133,11 @@ pub struct DeployArgs {
     min: Option<u32>,
     #[arg(long)]
     max: Option<u32>,
-    /// Seconds without traffic before scaling to zero.
-    #[arg(long)]
+    /// Time without traffic before scaling to zero: `30s`, `5m` (a bare number is seconds).
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     idle_grace: Option<u64>,
-    /// Request timeout (to the first byte), seconds.
-    #[arg(long)]
+    /// Request timeout (to the first byte): `300s`, `2m` (a bare number is seconds).
+    #[arg(long, value_parser = ferry::config::parse_secs)]
     timeout: Option<u64>,
     /// HTTP readiness probe path (default: TCP connect).
     #[arg(long)]
@@ -805,6 +805,25 @@ fn print_table(rows: &[Vec<String>]) {
 mod tests {
     use super::*;
     use ferry::config::parse_secs;
+
+    #[test]
+    fn durations_are_taken_with_units_or_as_seconds() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            deploy: DeployArgs,
+        }
+        use clap::Parser;
+        let t = T::try_parse_from(["t", "x", "--idle-grace", "2m", "--timeout", "90"]).unwrap();
+        assert_eq!(
+            (t.deploy.idle_grace, t.deploy.timeout),
+            (Some(120), Some(90))
+        );
+        let e = T::try_parse_from(["t", "x", "--idle-grace", "soon"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("expected a duration"), "{e}");
+    }
 
     #[test]
     fn flags_parse() {
