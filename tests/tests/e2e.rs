@@ -327,6 +327,53 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     c.stop().await
 }
 
+/// When the only instance of a service crashes, the next requests wait for its replacement
+/// (as on a cold start) instead of failing; an instance that cannot start fails them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_is_replaced_while_requests_wait() -> Result<()> {
+    let (c, image) = cluster_with_app("crashy", json!({ "min_instances": 1 })).await?;
+    c.wait_for("the first instance", Duration::from_secs(20), || async {
+        Ok(ready(&c, "crashy").await? == 1)
+    })
+    .await?;
+    let first = c.instances("crashy").await?[0].id.clone();
+    let r = c.get("crashy", "/crash?code=3").await?;
+    assert_eq!(r.status(), 502, "the crashing request itself has no answer");
+    c.wait_for("the crash to be seen", Duration::from_secs(10), || async {
+        Ok(c.instances("crashy")
+            .await?
+            .iter()
+            .any(|i| i.id == first && i.state == ferry_api::agent::InstanceState::Failed))
+    })
+    .await?;
+    // Straight after: held until the replacement is ready, then answered by it.
+    let r = c.get("crashy", "/env").await?;
+    assert_eq!(r.status(), 200, "{}", r.text().await?);
+    let v: Value = r.json().await?;
+    assert_ne!(v["HOSTNAME"], first.as_str());
+    // A service whose instances cannot start: requests fail at once, with the reason.
+    c.deploy(
+        "broken",
+        &json!({ "image": image, "cpu": "0.5", "memory": "128Mi",
+                 "env": { "TESTAPP_CRASH_ON_START": "7" } }),
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.get("broken", "/").await?;
+        let status = r.status();
+        let body = r.text().await?;
+        if status == 503 && body.contains("start_failure") && body.contains("code 7") {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no fast start failure: {status} {body}"
+        );
+    }
+    c.stop().await
+}
+
 /// Every line of a log is `<RFC 3339> stdout|stderr|ferry <text>`.
 fn assert_log_lines(log: &str) {
     for l in log.lines() {

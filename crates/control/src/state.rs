@@ -83,6 +83,10 @@ pub struct RevisionSignals {
     pub failures: u32,
     pub backoff_until_ms: u64,
     pub last_failure: Option<String>,
+    /// The last failure is the first crash of an instance that was serving: its replacement
+    /// starts after a short backoff, so requests wait for it (as on a cold start) instead of
+    /// failing at once with `last_failure`, as they do for failures to start or to place.
+    pub replacing_crashed: bool,
 }
 
 #[derive(Default)]
@@ -232,6 +236,7 @@ impl Live {
                 },
             ));
         };
+        let was_ready = inst.state == InstanceState::Ready;
         inst.state = st.state;
         if st.address.is_some() {
             inst.address = st.address;
@@ -244,9 +249,11 @@ impl Live {
             InstanceState::Ready => {
                 sig.failures = 0;
                 sig.last_failure = None;
+                sig.replacing_crashed = false;
             }
             InstanceState::Failed if inst.draining_since.is_none() => {
                 sig.failures += 1;
+                sig.replacing_crashed = was_ready && sig.failures == 1;
                 let backoff = 500u64 << sig.failures.min(7);
                 sig.backoff_until_ms = now + backoff.min(60_000);
                 let why = match &st.reason {
@@ -334,6 +341,7 @@ impl Live {
                 let sig = self.signals.entry(rev.name.clone()).or_default();
                 let backoff = sig.backoff_until_ms > now;
                 let last_failure = sig.last_failure.clone();
+                let fail_fast = !sig.replacing_crashed;
                 let live: Vec<&Instance> = self
                     .instances
                     .values()
@@ -413,10 +421,9 @@ impl Live {
                                         );
                                     }
                                     Err(e) => {
-                                        self.signals
-                                            .entry(rev.name.clone())
-                                            .or_default()
-                                            .last_failure = Some(e);
+                                        let sig = self.signals.entry(rev.name.clone()).or_default();
+                                        sig.replacing_crashed = false;
+                                        sig.last_failure = Some(e);
                                         break;
                                     }
                                 }
@@ -426,6 +433,7 @@ impl Live {
                                 if sig.last_failure.is_none() {
                                     tracing::warn!(revision = %rev.name, reason = %refusal, "cannot place an instance");
                                 }
+                                sig.replacing_crashed = false;
                                 sig.last_failure =
                                     Some(format!("cannot place an instance: {refusal}"));
                                 break;
@@ -468,7 +476,7 @@ impl Live {
                         })
                     })
                     .collect();
-                let start_failure = if instances.is_empty() {
+                let start_failure = if instances.is_empty() && fail_fast {
                     last_failure
                 } else {
                     None
@@ -743,5 +751,76 @@ mod tests {
         busy(&mut live, t0 + 400);
         let a = live.reconcile(&svcs, t0 + 400);
         assert_eq!(a.rollouts, [("s".to_string(), "s-00002".to_string())]);
+    }
+
+    #[test]
+    fn requests_wait_for_the_replacement_of_a_crashed_instance_but_fail_fast_on_start_failures() {
+        let mut live = Live::default();
+        live.nodes.insert(
+            "n".into(),
+            NodeInfo {
+                node: "n".into(),
+                cpu_allocatable: Cpu(4000),
+                memory_allocatable: Memory(4 << 30),
+                cached_images: vec![],
+                api_address: None,
+            },
+        );
+        let svcs = service();
+        let t0 = 1_000_000;
+        let fail = |live: &mut Live, now: u64| {
+            let ids: Vec<String> = live.instances.keys().cloned().collect();
+            for id in ids {
+                if live.instances[&id].live() {
+                    live.on_status(
+                        InstanceStatus {
+                            instance_id: id,
+                            node: "n".into(),
+                            state: InstanceState::Failed,
+                            address: None,
+                            reason: Some(ExitReason::Exited { code: 3 }),
+                            at_ms: now,
+                        },
+                        now,
+                    );
+                }
+            }
+        };
+        let start_failure = |live: &Live| {
+            live.last_routes.as_ref().unwrap()[0].revisions[0]
+                .start_failure
+                .clone()
+        };
+        let starts = |a: &Actions| {
+            a.commands
+                .iter()
+                .filter(|(_, c)| matches!(c, AgentCommand::Start { .. }))
+                .count()
+        };
+        live.scalers
+            .entry("s-00001".into())
+            .or_default()
+            .on_demand(1, t0);
+        assert_eq!(starts(&live.reconcile(&svcs, t0)), 1);
+        ready_all(&mut live, t0 + 100);
+        live.reconcile(&svcs, t0 + 200);
+        // The serving instance crashes: requests are held for its replacement, which starts
+        // after the backoff.
+        fail(&mut live, t0 + 300);
+        let a = live.reconcile(&svcs, t0 + 400);
+        assert_eq!(start_failure(&live), None);
+        assert_eq!(starts(&a), 0, "backoff");
+        let a = live.reconcile(&svcs, t0 + 1_400);
+        assert_eq!(starts(&a), 1);
+        assert_eq!(start_failure(&live), None);
+        // The replacement fails before it is ready: a failure to start; requests fail at once.
+        fail(&mut live, t0 + 1_500);
+        live.reconcile(&svcs, t0 + 1_600);
+        assert_eq!(
+            start_failure(&live).as_deref(),
+            Some("the instance exited with code 3")
+        );
+        let v = &live.signals["s-00001"];
+        assert_eq!(v.failures, 2);
     }
 }
