@@ -523,6 +523,10 @@ pub struct RevisionView {
     pub ready_instances: u32,
     pub instances: u32,
     pub desired_instances: u32,
+    /// Why this revision's last instance failed to start, run or be placed (cleared by a
+    /// ready instance).
+    #[serde(default)]
+    pub last_failure: Option<String>,
 }
 
 /// One instance as the API shows it.

@@ -131,6 +131,10 @@ fn view(c: &Control, svc: &ServiceRecord, revs: &[RevisionRecord]) -> ServiceVie
                     .count() as u32,
                 instances: of_rev().count() as u32,
                 desired_instances: live.scalers.get(&r.name).map_or(0, |s| s.desired),
+                last_failure: live
+                    .signals
+                    .get(&r.name)
+                    .and_then(|s| s.last_failure.clone()),
             }
         })
         .collect();

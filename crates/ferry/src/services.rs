@@ -567,7 +567,14 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             {
                 break;
             }
-            if let Some(f) = &now.last_failure {
+            // The new revision's own failure: an older revision's (the one this deploy fixes,
+            // say) is no reason to give up.
+            let failure = now
+                .revisions
+                .iter()
+                .find(|r| r.name == now.latest_revision)
+                .and_then(|r| r.last_failure.as_ref());
+            if let Some(f) = failure {
                 bail!("{}: {f}", now.latest_revision);
             }
             anyhow::ensure!(

@@ -1,6 +1,7 @@
 //! `ferry server` killed with SIGKILL and started again on the same data dir converges: the
 //! desired state survives, what should run runs again, and what the killed run left is gone;
-//! metering across the kill loses and duplicates nothing.
+//! metering across the kill loses and duplicates nothing. Also the CLI's `deploy --wait`
+//! against such a server (the same helpers).
 
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
@@ -312,5 +313,35 @@ fn sigkill_mid_metering_loses_and_duplicates_nothing() -> Result<()> {
         stop <= killed_at && killed_at - stop <= 2_000,
         "stop {stop}, killed at {killed_at}: {e}"
     );
+    Ok(())
+}
+
+/// `ferry deploy --wait` fails with the new revision's own failure, and a deploy that fixes a
+/// broken revision waits for itself rather than failing with the broken one's reason.
+#[test]
+fn deploy_wait_judges_the_new_revision_by_its_own_failure() -> Result<()> {
+    let testapp =
+        std::env::var("TESTAPP_STATIC_BIN").context("TESTAPP_STATIC_BIN: run scripts/test")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (_server, a) = start(&data, "frst2", "10.95.2.1/24")?;
+    let (api, reg) = (a["api"].as_str().unwrap(), a["registry"].as_str().unwrap());
+    push_and_deploy(api, reg, dir.path(), &testapp, "w")?;
+    wait_ready(api, "w")?;
+    let deploy = |extra: &[&str]| {
+        let mut args = vec!["deploy", "w", "--wait"];
+        args.extend_from_slice(extra);
+        ferry(api, &args)
+    };
+    let err = format!("{:#}", deploy(&["--command", "/nope"]).unwrap_err());
+    assert!(
+        err.contains("w-00002") && err.contains("\"/nope\": not found"),
+        "{err}"
+    );
+    // The fix: w-00002's failure stays on record, but w-00003 is waited for and takes over.
+    deploy(&["--command", "/testapp"])?;
+    let s = describe(api, "w")?;
+    assert_eq!(s["traffic"][0]["revision"], "w-00003", "{s}");
+    assert_eq!(s["traffic"][0]["percent"], 100, "{s}");
     Ok(())
 }
