@@ -738,7 +738,12 @@ fn describe_autoscaler(v: &ferry_api::service::AutoscalerView) {
         "TARGET".into(),
         "NOW".into(),
         format!("STABLE {}s", v.stable_window_secs),
-        format!("PANIC {}ms", v.panic_window_ms),
+        // Whole seconds as seconds (6s), like the stable window; else milliseconds (1500ms).
+        if v.panic_window_ms.is_multiple_of(1000) {
+            format!("PANIC {}s", v.panic_window_ms / 1000)
+        } else {
+            format!("PANIC {}ms", v.panic_window_ms)
+        },
         "WANTS".into(),
     ]];
     for m in &v.metrics {
