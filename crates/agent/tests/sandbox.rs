@@ -303,7 +303,10 @@ async fn usage_samples_measure_the_instance() -> Result<()> {
     let mut node = Node::start(9).await?;
     let id = "svc-00001-usage";
     let addr = node.start_ready(node.spec(id)).await?;
-    get_json(addr, "/cpu?ms=300").await?;
+    // 600 ms of spinning (wall time): at least 200 ms of CPU even with the machine's two cores
+    // shared three ways (a release build beside the tests once left 172 ms of a 300 ms spin);
+    // the rest of this test cost the instance 31 ms here (with a 1 ms spin).
+    get_json(addr, "/cpu?ms=600").await?;
     get_json(addr, "/alloc?mib=48").await?;
     get_json(addr, "/free").await?;
     let (code, body) = get(addr, "/stream?chunks=32&bytes=65536").await?;
@@ -344,7 +347,7 @@ async fn usage_samples_measure_the_instance() -> Result<()> {
         }
     };
     eprintln!("{s:?}");
-    assert!(s.cpu_usage_ns >= 250_000_000, "{s:?}");
+    assert!(s.cpu_usage_ns >= 200_000_000, "{s:?}");
     assert!(s.memory_current_bytes > 0, "{s:?}");
     assert!(s.memory_peak_bytes >= 48 << 20, "{s:?}");
     assert!(s.memory_peak_bytes >= s.memory_current_bytes, "{s:?}");
