@@ -317,20 +317,20 @@ impl Live {
                     .filter(|i| i.revision == rev && i.live() && i.state == InstanceState::Ready)
                     .count()
             };
-            // Rollout: move traffic to the latest revision once it has a ready instance, or at
-            // once when nothing of the current traffic is up (nothing to protect).
+            // Rollout: move traffic to the latest revision once it has a ready instance (it
+            // gets one below whatever its minimum). Not sooner, even when nothing of the current
+            // traffic is up: that revision is the one known to work, and it may be down only for
+            // now (at zero, or just after a restart); moving at once sent a restarted server's
+            // traffic to a new revision that could not start.
             let mut traffic = svc.traffic.clone();
-            if svc.rollout_pending {
-                let current_ready: usize = traffic.iter().map(|t| ready_of(&t.revision)).sum();
-                if ready_of(&svc.latest_revision) > 0 || current_ready == 0 {
-                    traffic = vec![TrafficTarget {
-                        revision: svc.latest_revision.clone(),
-                        percent: 100,
-                    }];
-                    actions
-                        .rollouts
-                        .push((svc.name.clone(), svc.latest_revision.clone()));
-                }
+            if svc.rollout_pending && ready_of(&svc.latest_revision) > 0 {
+                traffic = vec![TrafficTarget {
+                    revision: svc.latest_revision.clone(),
+                    percent: 100,
+                }];
+                actions
+                    .rollouts
+                    .push((svc.name.clone(), svc.latest_revision.clone()));
             }
             let mut rev_routes = Vec::new();
             for rev in revs {
@@ -822,5 +822,75 @@ mod tests {
         );
         let v = &live.signals["s-00001"];
         assert_eq!(v.failures, 2);
+    }
+
+    #[test]
+    fn a_rollout_with_nothing_up_keeps_the_traffic_until_the_new_revision_is_ready() {
+        let mut live = Live::default();
+        live.nodes.insert(
+            "n".into(),
+            NodeInfo {
+                node: "n".into(),
+                cpu_allocatable: Cpu(4000),
+                memory_allocatable: Memory(4 << 30),
+                cached_images: vec![],
+                api_address: None,
+            },
+        );
+        // Nothing of s-00001 runs (at zero, or just after a restart) when s-00002 comes.
+        let mut svcs = service();
+        let (svc, revs) = &mut svcs[0];
+        let mut rev2 = revs[0].clone();
+        rev2.name = "s-00002".into();
+        revs.push(rev2);
+        svc.latest_revision = "s-00002".into();
+        svc.rollout_pending = true;
+        let t0 = 1_000_000;
+        let a = live.reconcile(&svcs, t0);
+        assert!(a.rollouts.is_empty(), "not before s-00002 is ready");
+        let id = live
+            .instances
+            .keys()
+            .next()
+            .cloned()
+            .expect("s-00002 started");
+        assert!(id.starts_with("s-00002-"));
+        // It cannot start: the traffic stays where it was.
+        live.on_status(
+            InstanceStatus {
+                instance_id: id,
+                node: "n".into(),
+                state: InstanceState::Failed,
+                address: None,
+                reason: Some(ExitReason::Exited { code: 1 }),
+                at_ms: t0 + 100,
+            },
+            t0 + 100,
+        );
+        let a = live.reconcile(&svcs, t0 + 200);
+        assert!(a.rollouts.is_empty());
+        let routes = live.last_routes.as_ref().unwrap();
+        assert_eq!(routes[0].traffic[0].revision, "s-00001");
+        // The next start after the backoff works: now it takes the traffic.
+        live.reconcile(&svcs, t0 + 1_300);
+        let second = live
+            .instances
+            .values()
+            .find(|i| i.live())
+            .map(|i| i.id.clone())
+            .expect("a second start");
+        live.on_status(
+            InstanceStatus {
+                instance_id: second,
+                node: "n".into(),
+                state: InstanceState::Ready,
+                address: Some("10.0.0.9:8080".parse().unwrap()),
+                reason: None,
+                at_ms: t0 + 1_400,
+            },
+            t0 + 1_400,
+        );
+        let a = live.reconcile(&svcs, t0 + 1_500);
+        assert_eq!(a.rollouts, [("s".to_string(), "s-00002".to_string())]);
     }
 }
