@@ -241,17 +241,17 @@ async fn exchange(
 
     let held = tokio::select! {
         biased;
-        r = proxy::hold(shared, &rev, svc, deadline) => r,
+        r = proxy::hold(shared, &rev, svc, deadline, None) => r,
         _ = client_gone(client.stream, buf) => return Next::Close,
     };
-    let (mut guard, mut endpoint, svc) = match held {
+    let (mut guard, mut endpoint, mut svc) = match held {
         Ok(h) => h,
         Err(e) => return Answer(e).send(&mut client, req).await,
     };
-    // A connect failure is retried once on another instance when the request has no body.
-    let retry_possible = req.body_len == 0
-        && proxy::revision_of(&svc, &rev.revision).is_ok_and(|r| r.instances.len() > 1);
-    let mut retried = false;
+    // A refused connection sends the request back to the hold queue for another instance
+    // (nothing was sent, and the body is in memory): a crashed single instance's requests
+    // wait for its replacement instead of failing.
+    let mut retried = 0;
     let mut ubuf = BytesMut::with_capacity(UPSTREAM_BUF);
     let (mut up, head) = loop {
         let sent = tokio::select! {
@@ -262,19 +262,19 @@ async fn exchange(
         match sent {
             Ok(Ok(r)) => break r,
             Ok(Err(e)) => {
-                if e.is_connect()
-                    && retry_possible
-                    && !retried
-                    && let Ok(route) = proxy::revision_of(&svc, &rev.revision)
-                {
-                    retried = true;
-                    if let Some((g, ep)) =
-                        proxy::retry_elsewhere(&rev, route, &endpoint, &e, &req.request_id)
-                    {
-                        guard = g;
-                        endpoint = ep;
-                        continue;
+                if e.is_connect() && retried < proxy::MAX_REHOLDS {
+                    retried += 1;
+                    let held = tokio::select! {
+                        biased;
+                        r = proxy::hold_again(shared, &rev, svc.clone(), deadline, &endpoint, &e, &req.request_id) => r,
+                        _ = client_gone(client.stream, buf) => return Next::Close,
+                    };
+                    match held {
+                        // The failed slot is freed only now, after taking the new one.
+                        Ok((g, ep, s)) => (guard, endpoint, svc) = (g, ep, s),
+                        Err(e) => return Answer(e).send(&mut client, req).await,
                     }
+                    continue;
                 }
                 warn!(request_id = %req.request_id, instance = %endpoint.instance_id, error = %crate::error::chain(&e), "upstream request failed");
                 return Answer(ProxyError::upstream_unreachable(&endpoint.instance_id, &e))

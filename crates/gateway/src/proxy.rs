@@ -185,7 +185,7 @@ async fn proxy(
     let timeout = request_timeout(route);
     let deadline = tokio::time::Instant::from_std(start) + timeout;
 
-    let (guard, endpoint, svc) = hold(shared, &rev, svc, deadline).await?;
+    let (guard, endpoint, mut svc) = hold(shared, &rev, svc, deadline, None).await?;
     let route = revision_of(&svc, &revision)?;
 
     // Rewrite headers for the instance.
@@ -197,7 +197,8 @@ async fn proxy(
     headers::ensure_traceparent(&mut parts.headers);
     let h2c = route.h2c && !upgrade;
     let no_body = body.is_end_stream();
-    let limited = LimitedBody::new(body, route.max_body_bytes);
+    let max_body_bytes = route.max_body_bytes;
+    let limited = LimitedBody::new(body, max_body_bytes);
     let exceeded = limited.exceeded.clone();
     let mut body = Some(if no_body {
         empty()
@@ -205,14 +206,14 @@ async fn proxy(
         limited.boxed_unsync()
     });
 
-    // A connect failure is retried once on another instance when the request has no body:
-    // keep the headers for that only when there is another instance to retry on.
-    let retry_possible = no_body && route.instances.len() > 1;
+    // A refused connection sends a request without a body back to the hold queue, for another
+    // instance (nothing was sent, so nothing runs twice): keep the headers for that.
+    let retry_possible = no_body;
     let mut guard = guard;
     let mut endpoint = endpoint;
-    let mut retried = false;
+    let mut retried = 0;
     let resp = loop {
-        let headers = if retry_possible && !retried {
+        let headers = if retry_possible && retried < MAX_REHOLDS {
             parts.headers.clone()
         } else {
             std::mem::take(&mut parts.headers)
@@ -240,22 +241,23 @@ async fn proxy(
             Ok(Ok(resp)) => break resp,
             Ok(Err(e)) => {
                 if exceeded.load(Ordering::SeqCst) {
-                    return Err(ProxyError::body_too_large(route.max_body_bytes));
+                    return Err(ProxyError::body_too_large(max_body_bytes));
                 }
-                if e.is_connect() && retry_possible && !retried {
-                    retried = true;
-                    if let Some((g, ep)) = retry_elsewhere(
+                if e.is_connect() && retry_possible && retried < MAX_REHOLDS {
+                    retried += 1;
+                    let (g, ep, s) = hold_again(
+                        shared,
                         &rev,
-                        route,
+                        svc.clone(),
+                        deadline,
                         &endpoint,
                         e.error(),
                         request_id.to_str().unwrap_or_default(),
-                    ) {
-                        // Free the failed slot only after taking the new one.
-                        guard = g;
-                        endpoint = ep;
-                        continue;
-                    }
+                    )
+                    .await?;
+                    // The failed slot is freed only now, after taking the new one.
+                    (guard, endpoint, svc) = (g, ep, s);
+                    continue;
                 }
                 warn!(instance = %endpoint.instance_id, error = %crate::error::chain(e.error()), "upstream request failed");
                 return Err(ProxyError::upstream_unreachable(
@@ -348,18 +350,26 @@ pub(crate) fn target(
     Ok((svc, rev))
 }
 
-/// After a failed connect to `failed`: a slot on another instance of the revision (the caller
-/// frees the failed one only once it has this one).
-pub(crate) fn retry_elsewhere(
-    rev: &Arc<RevState>,
-    route: &RevisionRoute,
-    failed: &Endpoint,
+/// How many times one request goes back to the hold queue after its connection to an
+/// instance was refused (the instance died or is going): each time without that instance.
+pub(crate) const MAX_REHOLDS: u32 = 3;
+
+/// After a failed connect to `failed` (nothing was sent): an instance other than `failed`,
+/// now or once the route table has one (a crashed single instance's replacement), within the
+/// request's deadline.
+pub(crate) fn hold_again<'a>(
+    shared: &'a Shared,
+    rev: &'a Arc<RevState>,
+    svc: Arc<ServiceRoute>,
+    deadline: tokio::time::Instant,
+    failed: &'a Endpoint,
     error: &(dyn std::error::Error + 'static),
     request_id: &str,
-) -> Option<(InflightGuard, Endpoint)> {
-    let (g, ep) = rev.acquire(route, Admission::Retry, Some(&failed.instance_id))?;
-    warn!(request_id, instance = %failed.instance_id, retry = %ep.instance_id, error = %crate::error::chain(error), "connect failed; retrying on another instance");
-    Some((g, ep))
+) -> impl std::future::Future<Output = Result<(InflightGuard, Endpoint, Arc<ServiceRoute>), ProxyError>>
++ 'a {
+    // Logged here, so that the error need not live across the wait.
+    warn!(request_id, instance = %failed.instance_id, error = %crate::error::chain(error), "connect failed; holding the request for another instance");
+    hold(shared, rev, svc, deadline, Some(&failed.instance_id))
 }
 
 /// How long a request may wait for an instance and its response headers.
@@ -436,10 +446,16 @@ pub(crate) async fn hold(
     rev: &Arc<RevState>,
     mut svc: Arc<ServiceRoute>,
     deadline: tokio::time::Instant,
+    exclude: Option<&str>,
 ) -> Result<(InflightGuard, Endpoint, Arc<ServiceRoute>), ProxyError> {
-    // Fast path: room now and nobody held before us.
-    if let Some((g, ep)) = rev.acquire(revision_of(&svc, &rev.revision)?, Admission::Arrival, None)
-    {
+    // Fast path: room now and nobody held before us (a request sent back here by a refused
+    // connection was admitted once already and goes first).
+    let first = if exclude.is_some() {
+        Admission::Retry
+    } else {
+        Admission::Arrival
+    };
+    if let Some((g, ep)) = rev.acquire(revision_of(&svc, &rev.revision)?, first, exclude) {
         return Ok((g, ep, svc));
     }
     let mut index_rx = shared.index.subscribe();
@@ -466,7 +482,7 @@ pub(crate) async fn hold(
         let admission = waiting
             .as_ref()
             .map_or(Admission::Arrival, WaitGuard::admission);
-        if let Some((g, ep)) = rev.acquire(route, admission, None) {
+        if let Some((g, ep)) = rev.acquire(route, admission, exclude) {
             return Ok((g, ep, svc));
         }
         if let Some(reason) = &route.start_failure {

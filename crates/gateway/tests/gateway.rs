@@ -631,31 +631,74 @@ async fn h2c_upstream() -> Result<()> {
     Ok(())
 }
 
+/// A refused connection (nothing sent) sends the request back to the hold queue without that
+/// instance: served by another one at once, or by the one the route table publishes next (a
+/// crashed single instance's replacement), or answered 504 at its deadline. Before, a revision
+/// whose only instance had just crashed answered 502 until the route table caught up.
 #[tokio::test]
-async fn connect_failure_is_502_or_retried_elsewhere() -> Result<()> {
+async fn a_refused_connection_holds_the_request_for_another_instance() -> Result<()> {
     let dead = Endpoint {
         instance_id: "dead".into(),
         address: dead_address().await,
     };
     let mut only_dead = rev("r1", &[]);
     only_dead.instances = vec![dead.clone()];
+    only_dead.request_timeout_ms = 800;
     let a = instance("a").await;
     let mut mixed = rev("r1", &[&a]);
-    mixed.instances.insert(0, dead);
-    let gw = Gw::start(table(vec![one("down", only_dead), one("mixed", mixed)])).await;
-
-    let resp = gw.get("down", "/").send().await?;
-    assert_eq!(resp.status(), 502);
-    assert_eq!(resp.headers()["x-ferry-error-source"], "instance");
+    mixed.instances.insert(0, dead.clone());
+    let mut crashed = rev("r1", &[]);
+    crashed.instances = vec![dead.clone()];
+    let gw = Gw::start(table(vec![
+        one("down", only_dead),
+        one("mixed", mixed.clone()),
+        one("crashed", crashed),
+    ]))
+    .await;
 
     for _ in 0..10 {
         let resp = gw.get("mixed", "/").send().await?;
-        assert_eq!(
-            resp.status(),
-            200,
-            "GET without body is retried on another instance"
-        );
+        assert_eq!(resp.status(), 200, "served by the other instance");
+        assert_eq!(json_of(resp).await?["instance"], "a");
     }
+    // A POST with a body too: nothing reached the refusing instance.
+    let resp = gw.post("mixed", "/").body("payload").send().await?;
+    assert_eq!(resp.status(), 200);
+
+    let t = Instant::now();
+    let resp = gw.get("down", "/").send().await?;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(json_of(resp).await?["code"], "no_instance");
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    // The same through the gateway's other path (HTTP/2 clients).
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("down.localhost", gw.addr)
+        .resolve("mixed.localhost", gw.addr)
+        .build()?;
+    let url = |svc: &str| format!("http://{svc}.localhost:{}/", gw.addr.port());
+    let resp = h2.get(url("down")).send().await?;
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 504);
+    for _ in 0..10 {
+        assert_eq!(h2.get(url("mixed")).send().await?.status(), 200);
+    }
+
+    let req = gw.get("crashed", "/after-the-crash");
+    let pending = tokio::spawn(async move { req.send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "held, not answered 502");
+    let mut replaced = rev("r1", &[&a]);
+    replaced.instances = vec![a.endpoint()];
+    gw.publish(table(vec![one("crashed", replaced), one("mixed", mixed)]));
+    let r = tokio::time::timeout(Duration::from_secs(2), pending).await???;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await?["path"], "/after-the-crash");
     Ok(())
 }
 
