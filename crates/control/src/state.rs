@@ -607,6 +607,54 @@ mod tests {
         }
     }
 
+    /// Live state with one node, "n", of 4 CPUs and 4 GiB.
+    fn live_with_a_node() -> Live {
+        let mut live = Live::default();
+        live.nodes.insert(
+            "n".into(),
+            NodeInfo {
+                node: "n".into(),
+                cpu_allocatable: Cpu(4000),
+                memory_allocatable: Memory(4 << 30),
+                cached_images: vec![],
+                api_address: None,
+            },
+        );
+        live
+    }
+
+    /// Adds s-00002 to [`service`] as the revision being rolled out.
+    fn roll_out_second_revision(svcs: &mut [(ServiceRecord, Vec<RevisionRecord>)]) {
+        let (svc, revs) = &mut svcs[0];
+        let mut rev2 = revs[0].clone();
+        rev2.name = "s-00002".into();
+        revs.push(rev2);
+        svc.latest_revision = "s-00002".into();
+        svc.rollout_pending = true;
+    }
+
+    /// An instance's status report from node "n" at `now`.
+    fn report(
+        live: &mut Live,
+        id: &str,
+        state: InstanceState,
+        reason: Option<ExitReason>,
+        now: u64,
+    ) {
+        let address = (state == InstanceState::Ready).then(|| "10.0.0.9:8080".parse().unwrap());
+        live.on_status(
+            InstanceStatus {
+                instance_id: id.to_string(),
+                node: "n".into(),
+                state,
+                address,
+                reason,
+                at_ms: now,
+            },
+            now,
+        );
+    }
+
     #[test]
     fn drain_waits_for_in_flight_requests_and_websockets_within_bounds() {
         assert!(
@@ -640,17 +688,7 @@ mod tests {
     /// get their stop (SIGTERM, grace, SIGKILL) only after the drain delay.
     #[test]
     fn autoscaled_up_then_drained_down() {
-        let mut live = Live::default();
-        live.nodes.insert(
-            "n".into(),
-            NodeInfo {
-                node: "n".into(),
-                cpu_allocatable: Cpu(4000),
-                memory_allocatable: Memory(4 << 30),
-                cached_images: vec![],
-                api_address: None,
-            },
-        );
+        let mut live = live_with_a_node();
         let svcs = service();
         let t0 = 1_000_000;
         live.scalers
@@ -705,17 +743,7 @@ mod tests {
 
     #[test]
     fn a_new_revision_gets_an_instance_and_the_traffic_while_the_old_one_is_busy() {
-        let mut live = Live::default();
-        live.nodes.insert(
-            "n".into(),
-            NodeInfo {
-                node: "n".into(),
-                cpu_allocatable: Cpu(4000),
-                memory_allocatable: Memory(4 << 30),
-                cached_images: vec![],
-                api_address: None,
-            },
-        );
+        let mut live = live_with_a_node();
         let mut svcs = service();
         let t0 = 1_000_000;
         let starts_of = |a: &Actions, rev: &str| {
@@ -731,12 +759,7 @@ mod tests {
         assert_eq!(starts_of(&live.reconcile(&svcs, t0), "s-00001"), 1);
         ready_all(&mut live, t0 + 100);
         // A second revision (min 0) while requests keep coming to the first.
-        let (svc, revs) = &mut svcs[0];
-        let mut rev2 = revs[0].clone();
-        rev2.name = "s-00002".into();
-        revs.push(rev2);
-        svc.latest_revision = "s-00002".into();
-        svc.rollout_pending = true;
+        roll_out_second_revision(&mut svcs);
         let busy = |live: &mut Live, now: u64| {
             live.scalers
                 .entry("s-00001".into())
@@ -755,34 +778,15 @@ mod tests {
 
     #[test]
     fn requests_wait_for_the_replacement_of_a_crashed_instance_but_fail_fast_on_start_failures() {
-        let mut live = Live::default();
-        live.nodes.insert(
-            "n".into(),
-            NodeInfo {
-                node: "n".into(),
-                cpu_allocatable: Cpu(4000),
-                memory_allocatable: Memory(4 << 30),
-                cached_images: vec![],
-                api_address: None,
-            },
-        );
+        let mut live = live_with_a_node();
         let svcs = service();
         let t0 = 1_000_000;
         let fail = |live: &mut Live, now: u64| {
             let ids: Vec<String> = live.instances.keys().cloned().collect();
             for id in ids {
                 if live.instances[&id].live() {
-                    live.on_status(
-                        InstanceStatus {
-                            instance_id: id,
-                            node: "n".into(),
-                            state: InstanceState::Failed,
-                            address: None,
-                            reason: Some(ExitReason::Exited { code: 3 }),
-                            at_ms: now,
-                        },
-                        now,
-                    );
+                    let crash = Some(ExitReason::Exited { code: 3 });
+                    report(live, &id, InstanceState::Failed, crash, now);
                 }
             }
         };
@@ -826,25 +830,10 @@ mod tests {
 
     #[test]
     fn a_rollout_with_nothing_up_keeps_the_traffic_until_the_new_revision_is_ready() {
-        let mut live = Live::default();
-        live.nodes.insert(
-            "n".into(),
-            NodeInfo {
-                node: "n".into(),
-                cpu_allocatable: Cpu(4000),
-                memory_allocatable: Memory(4 << 30),
-                cached_images: vec![],
-                api_address: None,
-            },
-        );
+        let mut live = live_with_a_node();
         // Nothing of s-00001 runs (at zero, or just after a restart) when s-00002 comes.
         let mut svcs = service();
-        let (svc, revs) = &mut svcs[0];
-        let mut rev2 = revs[0].clone();
-        rev2.name = "s-00002".into();
-        revs.push(rev2);
-        svc.latest_revision = "s-00002".into();
-        svc.rollout_pending = true;
+        roll_out_second_revision(&mut svcs);
         let t0 = 1_000_000;
         let a = live.reconcile(&svcs, t0);
         assert!(a.rollouts.is_empty(), "not before s-00002 is ready");
@@ -856,17 +845,8 @@ mod tests {
             .expect("s-00002 started");
         assert!(id.starts_with("s-00002-"));
         // It cannot start: the traffic stays where it was.
-        live.on_status(
-            InstanceStatus {
-                instance_id: id,
-                node: "n".into(),
-                state: InstanceState::Failed,
-                address: None,
-                reason: Some(ExitReason::Exited { code: 1 }),
-                at_ms: t0 + 100,
-            },
-            t0 + 100,
-        );
+        let failed = Some(ExitReason::Exited { code: 1 });
+        report(&mut live, &id, InstanceState::Failed, failed, t0 + 100);
         let a = live.reconcile(&svcs, t0 + 200);
         assert!(a.rollouts.is_empty());
         let routes = live.last_routes.as_ref().unwrap();
@@ -879,17 +859,7 @@ mod tests {
             .find(|i| i.live())
             .map(|i| i.id.clone())
             .expect("a second start");
-        live.on_status(
-            InstanceStatus {
-                instance_id: second,
-                node: "n".into(),
-                state: InstanceState::Ready,
-                address: Some("10.0.0.9:8080".parse().unwrap()),
-                reason: None,
-                at_ms: t0 + 1_400,
-            },
-            t0 + 1_400,
-        );
+        report(&mut live, &second, InstanceState::Ready, None, t0 + 1_400);
         let a = live.reconcile(&svcs, t0 + 1_500);
         assert_eq!(a.rollouts, [("s".to_string(), "s-00002".to_string())]);
     }
