@@ -297,22 +297,29 @@ impl ServiceSpec {
             .image
             .parse()
             .map_err(|e| err("image", format!("{e}")))?;
-        let cpu: Cpu = self.cpu.parse().map_err(|e| err("cpu", format!("{e}")))?;
+        // One range per quantity in what the user reads: the service's, also where the value
+        // is outside what a quantity can hold at all (that said "1m and 64 cores" for `0`
+        // but "10m and 64" for `5m`).
+        let cpu_range = || err("cpu", format!("{:?} must be between 10m and 64", self.cpu));
+        let cpu: Cpu = self.cpu.parse().map_err(|e| match e {
+            crate::quantity::QuantityError::CpuRange(_) => cpu_range(),
+            e => err("cpu", format!("{e}")),
+        })?;
         if cpu.millis() < 10 || cpu.millis() > 64_000 {
-            return Err(err(
-                "cpu",
-                format!("{:?} must be between 10m and 64", self.cpu),
-            ));
+            return Err(cpu_range());
         }
-        let memory: Memory = self
-            .memory
-            .parse()
-            .map_err(|e| err("memory", format!("{e}")))?;
-        if memory.bytes() < 16 << 20 || memory.bytes() > 256 << 30 {
-            return Err(err(
+        let memory_range = || {
+            err(
                 "memory",
                 format!("{:?} must be between 16Mi and 256Gi", self.memory),
-            ));
+            )
+        };
+        let memory: Memory = self.memory.parse().map_err(|e| match e {
+            crate::quantity::QuantityError::MemoryRange(_) => memory_range(),
+            e => err("memory", format!("{e}")),
+        })?;
+        if memory.bytes() < 16 << 20 || memory.bytes() > 256 << 30 {
+            return Err(memory_range());
         }
         if self.port == 0 {
             return Err(err("port", "must be between 1 and 65535"));
@@ -671,6 +678,33 @@ mod tests {
         assert_eq!(bad(&|s| s.request_timeout_secs = 0), "request_timeout_secs");
         let e = serde_json::from_str::<ServiceSpec>(r#"{"image":"x","cpuu":"1"}"#).unwrap_err();
         assert!(e.to_string().contains("cpuu"), "{e}");
+    }
+
+    #[test]
+    fn cpu_and_memory_out_of_range_name_the_service_limits_whatever_the_value() {
+        let check = |cpu: &str, memory: &str| {
+            let mut s = ServiceSpec::new("hello:v1");
+            s.cpu = cpu.into();
+            s.memory = memory.into();
+            let e = s.validate().unwrap_err();
+            (e.field, e.message)
+        };
+        for cpu in ["0", "5m", "65", "1000"] {
+            let (field, message) = check(cpu, "64Mi");
+            assert_eq!(field, "cpu");
+            assert_eq!(message, format!("{cpu:?} must be between 10m and 64"));
+        }
+        for memory in ["1Ki", "8Mi", "300Gi", "2Ti"] {
+            let (field, message) = check("1", memory);
+            assert_eq!(field, "memory");
+            assert_eq!(
+                message,
+                format!("{memory:?} must be between 16Mi and 256Gi")
+            );
+        }
+        // Syntax errors keep their own explanation.
+        assert!(check("lots", "64Mi").1.contains("expected millicores"));
+        assert!(check("1", "64 MB").1.contains("expected bytes with a unit"));
     }
 
     #[test]
