@@ -652,6 +652,9 @@ fn describe(s: &ServiceView) {
             "  {}  {}  ready {}/{}",
             r.name, r.image, r.ready_instances, r.instances
         );
+        if let Some(f) = &r.last_failure {
+            println!("    last failure: {f}");
+        }
     }
     println!("Instances:");
     for i in &s.instances {

@@ -338,6 +338,13 @@ fn deploy_wait_judges_the_new_revision_by_its_own_failure() -> Result<()> {
         err.contains("w-00002") && err.contains("\"/nope\": not found"),
         "{err}"
     );
+    // `describe` shows it under the revision it belongs to.
+    let text = ferry(api, &["describe", "w"])?;
+    let after = text.split("  w-00002  ").nth(1).unwrap_or_default();
+    assert!(
+        after.contains("    last failure: start failed: executable \"/nope\""),
+        "{text}"
+    );
     // The fix: w-00002's failure stays on record, but w-00003 is waited for and takes over.
     deploy(&["--command", "/testapp"])?;
     let s = describe(api, "w")?;
