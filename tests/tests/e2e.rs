@@ -327,6 +327,20 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     c.stop().await
 }
 
+/// An h2c service is spoken to over HTTP/2 and sees the client's host as the request's
+/// authority, as an HTTP/1.1 one sees it in `Host`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_instances_see_the_client_host() -> Result<()> {
+    let (c, _) = cluster_with_app("grpcish", json!({ "h2c": true })).await?;
+    for _ in 0..2 {
+        let v: Value = c.get("grpcish", "/headers?x=1").await?.json().await?;
+        assert_eq!(v["version"], "HTTP/2.0", "{v}");
+        assert_eq!(v["uri"], "http://grpcish.localhost/headers?x=1", "{v}");
+        assert_eq!(v["headers"]["x-forwarded-host"], "grpcish.localhost", "{v}");
+    }
+    c.stop().await
+}
+
 /// When the only instance of a service crashes, the next requests wait for its replacement
 /// (as on a cold start) instead of failing; an instance that cannot start fails them at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

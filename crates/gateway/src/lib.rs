@@ -12,6 +12,7 @@
 mod body;
 mod error;
 mod h1;
+mod h2c;
 mod headers;
 mod pool;
 mod proxy;

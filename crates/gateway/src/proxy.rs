@@ -13,9 +13,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,7 +63,7 @@ pub struct Shared {
     /// connection is only ever polled on the thread whose event loop watches its socket.
     pub(crate) pools: Vec<Pool>,
     /// h2c to instances whose route asks for it.
-    h2c: Client<HttpConnector, GatewayBody>,
+    h2c: crate::h2c::H2cPool,
 }
 
 impl Shared {
@@ -75,16 +73,10 @@ impl Shared {
         events: mpsc::Sender<GatewayEvent>,
         threads: usize,
     ) -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(5)));
         let pools = (0..threads.max(1))
             .map(|_| Pool::new(Duration::from_secs(5)))
             .collect();
-        let h2c = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .http2_only(true)
-            .build(conn);
+        let h2c = crate::h2c::H2cPool::new(Duration::from_secs(5));
         let (index, _) = watch::channel(index(table));
         Shared {
             config,
@@ -227,7 +219,9 @@ async fn proxy(
             body.take().unwrap_or_else(empty),
         )?;
         let sent = if h2c {
-            match tokio::time::timeout_at(deadline, shared.h2c.request(upstream)).await {
+            match tokio::time::timeout_at(deadline, shared.h2c.send(endpoint.address, upstream))
+                .await
+            {
                 Ok(r) => Ok(r.map(|resp| (resp, None)).map_err(Upstream::H2c)),
                 Err(e) => Err(e),
             }
@@ -311,7 +305,7 @@ async fn proxy(
 /// A failed upstream call, from either client.
 enum Upstream {
     H1(SendError),
-    H2c(hyper_util::client::legacy::Error),
+    H2c(crate::h2c::H2cError),
 }
 
 impl Upstream {
@@ -405,16 +399,20 @@ fn build_upstream(
             format!("request target {:?}: {e}", parts.uri),
         )
     };
-    // h2c goes through a client that needs the absolute form; HTTP/1.1 goes out in origin form.
+    // h2c carries the client's host as `:authority` (what `Host` is to HTTP/1.1, which goes
+    // out in origin form); the connection itself goes to the instance (crate::h2c).
     let mut uri = http::uri::Parts::default();
     if h2c {
         uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(
-            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
-                endpoint.address.to_string(),
-            ))
-            .map_err(|e| bad(&e))?,
-        );
+        let authority =
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(host.as_bytes()))
+                .or_else(|_| {
+                    http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                        endpoint.address.to_string(),
+                    ))
+                })
+                .map_err(|e| bad(&e))?;
+        uri.authority = Some(authority);
     }
     uri.path_and_query = Some(
         parts

@@ -621,6 +621,9 @@ async fn h2c_upstream() -> Result<()> {
         let v = json_of(gw.get("alpha", "/h2c").send().await?).await?;
         assert_eq!(v["version"], "HTTP/2.0");
         assert_eq!(v["headers"]["x-forwarded-host"], gw.host("alpha"));
+        // The client's host is the request's authority, as `Host` is over HTTP/1.1 (it was
+        // the instance's own address).
+        assert_eq!(v["path"], format!("http://{}/h2c", gw.host("alpha")));
     }
     let ok = gw
         .post("alpha", "/upload")
@@ -628,6 +631,23 @@ async fn h2c_upstream() -> Result<()> {
         .send()
         .await?;
     assert_eq!(ok.text().await?, "500");
+    // A refused h2c connection sends the request to another instance, as over HTTP/1.1.
+    let b = instance("b").await;
+    let mut r = rev("r1", &[&b]);
+    r.h2c = true;
+    r.instances.insert(
+        0,
+        Endpoint {
+            instance_id: "dead".into(),
+            address: dead_address().await,
+        },
+    );
+    gw.publish(table(vec![one("alpha", r)]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..6 {
+        let v = json_of(gw.get("alpha", "/h2c").send().await?).await?;
+        assert_eq!(v["instance"], "b");
+    }
     Ok(())
 }
 
