@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 pub struct ServiceSpec {
     /// Image reference; a tag is resolved to a digest at deploy time.
     pub image: String,
-    /// vCPU: `500m`, `0.5`, `2`.
-    #[serde(default = "default_cpu")]
+    /// vCPU: `500m`, `0.5`, `2` (a JSON number is taken as its text: `0.5`, `2`).
+    #[serde(default = "default_cpu", deserialize_with = "string_or_number")]
     pub cpu: String,
-    /// Memory: `256Mi`, `1Gi`, `512M`.
-    #[serde(default = "default_memory")]
+    /// Memory: `256Mi`, `1Gi`, `512M` (a JSON number is bytes).
+    #[serde(default = "default_memory", deserialize_with = "string_or_number")]
     pub memory: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -223,6 +223,31 @@ impl ServiceSpec {
             self.autoscaling.metrics.clone()
         }
     }
+}
+
+/// A quantity written as a string (`"500m"`) or, as Kubernetes manifests often do, as a bare
+/// number (`2`, `0.5`): kept as its text either way, and parsed where the spec is validated.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct Quantity;
+    impl serde::de::Visitor<'_> for Quantity {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a quantity such as \"500m\" or \"256Mi\", or a number")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(Quantity)
 }
 
 fn default_cpu() -> String {
@@ -678,6 +703,25 @@ mod tests {
         assert_eq!(bad(&|s| s.request_timeout_secs = 0), "request_timeout_secs");
         let e = serde_json::from_str::<ServiceSpec>(r#"{"image":"x","cpuu":"1"}"#).unwrap_err();
         assert!(e.to_string().contains("cpuu"), "{e}");
+    }
+
+    #[test]
+    fn cpu_and_memory_may_be_json_numbers() {
+        let s: ServiceSpec =
+            serde_json::from_str(r#"{"image":"x:v1","cpu":2,"memory":134217728}"#).unwrap();
+        let v = s.validate().unwrap();
+        assert_eq!((v.cpu.millis(), v.memory.bytes()), (2000, 128 << 20));
+        let s: ServiceSpec = serde_json::from_str(r#"{"image":"x:v1","cpu":0.25}"#).unwrap();
+        assert_eq!(s.validate().unwrap().cpu.millis(), 250);
+        // Stored and shown as text, as if it had been written so.
+        assert_eq!(serde_json::to_value(&s).unwrap()["cpu"], "0.25");
+        let e = serde_json::from_str::<ServiceSpec>(r#"{"image":"x:v1","cpu":true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a quantity such as"), "{e}");
+        let mut negative = s.clone();
+        negative.cpu = "-1".into();
+        assert!(negative.validate().is_err());
     }
 
     #[test]
