@@ -81,6 +81,16 @@ pub(crate) fn router(c: Arc<Control>) -> axum::Router {
         .route("/v1/invoices/{month}", get(invoice))
         .route("/v1/price", get(price))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        // The same JSON error for a method a path does not take (axum still adds `Allow`).
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                err(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {}", uri.path()),
+                )
+            },
+        )
         .with_state(c)
 }
 
@@ -772,6 +782,7 @@ mod tests {
                     .unwrap();
                 let resp = router(c.clone()).oneshot(req).await.unwrap();
                 let status = resp.status();
+                let allow = resp.headers().get("allow").cloned();
                 let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
                     .await
                     .unwrap();
@@ -784,6 +795,18 @@ mod tests {
                     served, documented,
                     "{method} {path}: status {status}, code {code:?}"
                 );
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    // A JSON error like every other, and the methods the path does take.
+                    assert_eq!(
+                        code.as_deref(),
+                        Some("method_not_allowed"),
+                        "{method} {path}"
+                    );
+                    assert!(
+                        allow.is_some_and(|a| !a.is_empty()),
+                        "{method} {path}: no Allow"
+                    );
+                }
             }
         }
     }
