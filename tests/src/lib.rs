@@ -130,7 +130,15 @@ impl TestCluster {
         let desc = ferry_oci::layout::build(&layout, &spec, tag)?;
         let reference = format!("{}/{repo}:{tag}", self.registry);
         let target: ferry_api::ImageRef = reference.parse()?;
-        ferry_oci::client::Client::new(None)
+        // As the cluster's first registry user when its registry asks for credentials.
+        let credentials = self.args.registry_users.first().and_then(|u| {
+            let (username, password) = u.split_once(':')?;
+            Some(ferry_oci::client::Credentials::Basic {
+                username: username.into(),
+                password: password.into(),
+            })
+        });
+        ferry_oci::client::Client::new(credentials)
             .push(&layout, &desc, &target)
             .await?;
         Ok(reference)

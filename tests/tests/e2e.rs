@@ -327,6 +327,28 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     c.stop().await
 }
 
+/// With registry auth on, the registry refuses anonymous pulls, and the platform still deploys
+/// and starts images from it (its own pulls carry a token of the server's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deploys_work_with_registry_auth_on() -> Result<()> {
+    let c = TestCluster::start_configured(|a| a.registry_users = vec!["dev:s3cret".into()]).await?;
+    let image = c.push_testapp("private", "v1").await?;
+    let anonymous = c
+        .http
+        .get(format!("http://{}/v2/private/manifests/v1", c.registry))
+        .send()
+        .await?;
+    assert_eq!(anonymous.status(), 401, "the registry asks for credentials");
+    c.deploy(
+        "private",
+        &json!({ "image": image, "cpu": "0.5", "memory": "128Mi" }),
+    )
+    .await?;
+    let r = c.get("private", "/env").await?;
+    assert_eq!(r.status(), 200, "{}", r.text().await?);
+    c.stop().await
+}
+
 /// An h2c service is spoken to over HTTP/2 and sees the client's host as the request's
 /// authority, as an HTTP/1.1 one sees it in `Host`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -245,7 +245,12 @@ async fn deploy(
         ));
     }
     // Pin the image by digest now: a tag that does not exist fails here, not at the first request.
-    let digest = c.registry.resolve(&image).await.map_err(|e| match e {
+    let client = if image.registry == c.config.default_registry {
+        &c.builtin_registry
+    } else {
+        &c.registry
+    };
+    let digest = client.resolve(&image).await.map_err(|e| match e {
         ferry_oci::client::ClientError::NotFound(_) => err(
             StatusCode::UNPROCESSABLE_ENTITY,
             "image_not_found",
@@ -727,6 +732,7 @@ mod tests {
                 domain: "localhost".into(),
                 gateway_addr: None,
                 default_registry: None,
+                registry_auth: None,
                 tick: std::time::Duration::from_millis(100),
                 price_plan: None,
             },
@@ -735,6 +741,7 @@ mod tests {
             wake: tokio::sync::Notify::new(),
             agents: Default::default(),
             registry: ferry_oci::client::Client::new(None),
+            builtin_registry: ferry_oci::client::Client::new(None),
             http: reqwest::Client::new(),
             reconciled: tokio::sync::watch::channel(0).0,
             plan: ferry_metering::PricePlan::default(),

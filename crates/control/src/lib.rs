@@ -39,6 +39,9 @@ pub struct Config {
     pub gateway_addr: Option<SocketAddr>,
     /// Registry used for image references that name none (the built-in one).
     pub default_registry: Option<String>,
+    /// Credentials for `default_registry` when it asks for them: control resolves tags with
+    /// them and hands them to agents for images there. Never sent to any other registry.
+    pub registry_auth: Option<ferry_api::agent::RegistryAuth>,
     /// Reconcile period (also runs at once on every signal).
     pub tick: Duration,
     /// A price-plan TOML file (docs/billing.md); `None` is the default plan.
@@ -83,7 +86,10 @@ pub(crate) struct Control {
     pub live: Mutex<state::Live>,
     pub wake: Notify,
     pub agents: HashMap<String, mpsc::Sender<AgentCommand>>,
+    /// Anonymous, for registries other than the built-in one.
     pub registry: ferry_oci::client::Client,
+    /// For the built-in registry, with `Config::registry_auth`.
+    pub builtin_registry: ferry_oci::client::Client,
     /// Talks to the nodes' own APIs (logs, exec).
     pub http: reqwest::Client,
     /// Counts finished reconcile passes, so a write can wait until its effect is published.
@@ -124,15 +130,27 @@ pub async fn serve(
         );
     }
     let control = Arc::new(Control {
-        config,
         store,
-        live: Mutex::new(state::Live::default()),
+        live: Mutex::new(state::Live {
+            builtin_registry: config
+                .default_registry
+                .clone()
+                .zip(config.registry_auth.clone()),
+            ..Default::default()
+        }),
         wake: Notify::new(),
         agents: links.agents,
         registry: ferry_oci::client::Client::new(None),
+        builtin_registry: ferry_oci::client::Client::new(
+            config
+                .registry_auth
+                .as_ref()
+                .map(ferry_oci::client::Credentials::from),
+        ),
         reconciled: watch::channel(0).0,
         http: reqwest::Client::new(),
         plan,
+        config,
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(agent_events(

@@ -6,7 +6,7 @@ use crate::scheduler::{self, NodeCapacity};
 use crate::store::{RevisionRecord, ServiceRecord};
 use ferry_api::agent::{
     AgentCommand, ExitReason, InstanceSpec, InstanceState, InstanceStatus, NodeInfo, Probe,
-    ProbeKind,
+    ProbeKind, RegistryAuth,
 };
 use ferry_api::gateway::{Endpoint, RevisionRoute, RouteTable, ServiceRoute, TrafficTarget};
 use ferry_api::service::InstanceView;
@@ -98,6 +98,8 @@ pub struct Live {
     pub scalers: HashMap<String, RevScaler>,
     pub route_version: u64,
     pub last_routes: Option<Vec<ServiceRoute>>,
+    /// The built-in registry's address and the credentials instances pull from it with.
+    pub builtin_registry: Option<(String, RegistryAuth)>,
 }
 
 /// What a reconcile step wants done.
@@ -116,17 +118,26 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn instance_spec(rev: &RevisionRecord, id: &str) -> Result<InstanceSpec, String> {
+/// What an agent gets to start instance `id` of `rev`; `builtin` is the built-in registry and
+/// its credentials, passed on only for an image that lives there.
+fn instance_spec(
+    rev: &RevisionRecord,
+    id: &str,
+    builtin: Option<&(String, RegistryAuth)>,
+) -> Result<InstanceSpec, String> {
     let spec = &rev.spec;
     let v = spec.validate().map_err(|e| e.to_string())?;
     let image: ImageRef = rev.image.parse().map_err(|e| format!("{e}"))?;
+    let registry_auth = builtin
+        .filter(|(registry, _)| image.registry.as_deref() == Some(registry.as_str()))
+        .map(|(_, auth)| auth.clone());
     Ok(InstanceSpec {
         instance_id: id.to_string(),
         service: rev.service.clone(),
         revision: rev.name.clone(),
         configuration: rev.service.clone(),
         image,
-        registry_auth: None,
+        registry_auth,
         command: spec.command.clone(),
         args: spec.args.clone(),
         env: spec.env.clone(),
@@ -389,7 +400,7 @@ impl Live {
                                     rev.name,
                                     &uuid::Uuid::new_v4().simple().to_string()[..8]
                                 );
-                                match instance_spec(rev, &id) {
+                                match instance_spec(rev, &id, self.builtin_registry.as_ref()) {
                                     Ok(spec) => {
                                         tracing::info!(service = %svc.name, revision = %rev.name, instance = %id, node = %node.name, "starting instance");
                                         if let Some(sc) = self.scalers.get_mut(&rev.name) {
@@ -862,5 +873,22 @@ mod tests {
         report(&mut live, &second, InstanceState::Ready, None, t0 + 1_400);
         let a = live.reconcile(&svcs, t0 + 1_500);
         assert_eq!(a.rollouts, [("s".to_string(), "s-00002".to_string())]);
+    }
+
+    #[test]
+    fn builtin_registry_credentials_go_only_with_its_images() {
+        let builtin = (
+            "127.0.0.1:5000".to_string(),
+            RegistryAuth::Bearer { token: "t".into() },
+        );
+        let mut rev = service()[0].1[0].clone();
+        let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+        rev.image = format!("127.0.0.1:5000/app@{digest}");
+        let spec = instance_spec(&rev, "i", Some(&builtin)).unwrap();
+        assert_eq!(spec.registry_auth, Some(builtin.1.clone()));
+        rev.image = format!("ghcr.io/someone/app@{digest}");
+        let spec = instance_spec(&rev, "i", Some(&builtin)).unwrap();
+        assert_eq!(spec.registry_auth, None, "never sent to another registry");
+        assert_eq!(instance_spec(&rev, "i", None).unwrap().registry_auth, None);
     }
 }

@@ -91,6 +91,15 @@ impl Platform {
         let token = shutdown.clone();
         let mut reg_config = settings.registry.clone();
         reg_config.root = data_dir.join("registry");
+        // With registry auth on, the platform's own pulls (control resolving tags, agents
+        // fetching images) carry a token of this run's own, accepted beside the configured ones.
+        let internal_registry_auth = if reg_config.auth.is_open() {
+            None
+        } else {
+            let token = random_token().context("a token for the platform's own registry pulls")?;
+            reg_config.auth.tokens.push(token.clone());
+            Some(ferry_api::agent::RegistryAuth::Bearer { token })
+        };
         tasks.spawn(async move {
             ferry_registry::serve(registry, reg_config, token)
                 .await
@@ -136,6 +145,7 @@ impl Platform {
             domain: settings.domain.clone(),
             gateway_addr: addresses.gateway,
             default_registry: Some(registry_addr.to_string()),
+            registry_auth: internal_registry_auth,
             tick: Duration::from_millis(100),
             price_plan: settings.price_plan.clone(),
         };
@@ -208,6 +218,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 /// What this host offers instances: every CPU, and its memory less a quarter kept for the host.
+/// 32 random bytes from the kernel, as hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// What this node offers instances: its cores times `cpu_overcommit`, and three quarters of
 /// its memory.
 fn host_allocatable(cpu_overcommit: f64) -> (Cpu, Memory) {
