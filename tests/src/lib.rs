@@ -30,6 +30,27 @@ pub struct TestCluster {
     _dir: tempfile::TempDir,
 }
 
+/// A test that fails before [`TestCluster::stop`] would otherwise leave its instances running
+/// (processes, cgroups and veths outlive the test process: found 8 testapp processes of failed
+/// runs still up on the dev machine). Needs the multi-thread runtime, as every test here uses.
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if self.platform.is_none() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return;
+        }
+        let r = tokio::task::block_in_place(|| handle.block_on(self.shut_down()));
+        if let Err(e) = r {
+            eprintln!("stopping a test cluster that was not stopped: {e:#}");
+        }
+    }
+}
+
 impl TestCluster {
     pub async fn start() -> Result<TestCluster> {
         TestCluster::start_configured(|_| {}).await
@@ -263,6 +284,11 @@ impl TestCluster {
     /// Stops the server, then removes the cluster's bridge and NAT rule (a `ferry server`
     /// keeps them across restarts; a test cluster goes for good).
     pub async fn stop(mut self) -> Result<()> {
+        self.shut_down().await
+    }
+
+    /// Stops the platform (its instances with it) and removes the cluster's network.
+    async fn shut_down(&mut self) -> Result<()> {
         if let Some(p) = self.platform.take() {
             p.stop().await?;
         }

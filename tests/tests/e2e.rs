@@ -327,6 +327,30 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
     c.stop().await
 }
 
+/// A cluster dropped without `stop` (a test that failed half-way) still stops its instances:
+/// failed runs had left their instances running on the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_dropped_without_stop_stops_its_instances() -> Result<()> {
+    let (c, _) = cluster_with_app("orphan", json!({ "min_instances": 1 })).await?;
+    c.wait_for("the instance", Duration::from_secs(20), || async {
+        Ok(ready(&c, "orphan").await? == 1)
+    })
+    .await?;
+    let id = c.instances("orphan").await?[0].id.clone();
+    let cgroup = ["/sys/fs/cgroup/cpu/ferry", "/sys/fs/cgroup/ferry"]
+        .iter()
+        .map(|root| std::path::Path::new(root).join(&id))
+        .find(|p| p.exists())
+        .context("the instance's cgroup")?;
+    drop(c);
+    assert!(
+        !cgroup.exists(),
+        "{} outlived its cluster",
+        cgroup.display()
+    );
+    Ok(())
+}
+
 /// With registry auth on, the registry refuses anonymous pulls, and the platform still deploys
 /// and starts images from it (its own pulls carry a token of the server's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
