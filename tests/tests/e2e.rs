@@ -332,11 +332,7 @@ async fn logs_and_exec_through_the_api() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_dropped_without_stop_stops_its_instances() -> Result<()> {
     let (c, _) = cluster_with_app("orphan", json!({ "min_instances": 1 })).await?;
-    c.wait_for("the instance", Duration::from_secs(20), || async {
-        Ok(ready(&c, "orphan").await? == 1)
-    })
-    .await?;
-    let id = c.instances("orphan").await?[0].id.clone();
+    let id = the_ready_instance(&c, "orphan").await?;
     let cgroup = ["/sys/fs/cgroup/cpu/ferry", "/sys/fs/cgroup/ferry"]
         .iter()
         .map(|root| std::path::Path::new(root).join(&id))
@@ -392,11 +388,7 @@ async fn h2c_instances_see_the_client_host() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_is_replaced_while_requests_wait() -> Result<()> {
     let (c, image) = cluster_with_app("crashy", json!({ "min_instances": 1 })).await?;
-    c.wait_for("the first instance", Duration::from_secs(20), || async {
-        Ok(ready(&c, "crashy").await? == 1)
-    })
-    .await?;
-    let first = c.instances("crashy").await?[0].id.clone();
+    let first = the_ready_instance(&c, "crashy").await?;
     let r = c.get("crashy", "/crash?code=3").await?;
     assert_eq!(r.status(), 502, "the crashing request itself has no answer");
     c.wait_for("the crash to be seen", Duration::from_secs(10), || async {
@@ -537,11 +529,7 @@ async fn logs_of_stopped_instances_go_after_the_retention() -> Result<()> {
         .await?;
     assert_eq!(c.get("brief", "/").await?.status(), 200);
     let brief = c.instances("brief").await?[0].id.clone();
-    c.wait_for("steady to be ready", Duration::from_secs(20), || async {
-        Ok(ready(&c, "steady").await? == 1)
-    })
-    .await?;
-    let steady = c.instances("steady").await?[0].id.clone();
+    let steady = the_ready_instance(&c, "steady").await?;
     let path = |id: &str| c.log_dir().join(format!("{id}.log"));
     c.wait_for(
         "the stopped instance's log to go",
@@ -687,6 +675,22 @@ async fn cpu_overcommit_places_more_vcpu_than_cores() -> Result<()> {
     .await?;
     assert_eq!(c.live_instances("packed").await?, cores as usize);
     c.stop().await
+}
+
+/// Waits (20 s at most) for `service`'s one ready instance; its id.
+async fn the_ready_instance(c: &TestCluster, service: &str) -> Result<String> {
+    c.wait_for(
+        &format!("{service} to be ready"),
+        Duration::from_secs(20),
+        || async { Ok(ready(c, service).await? == 1) },
+    )
+    .await?;
+    c.instances(service)
+        .await?
+        .into_iter()
+        .find(|i| i.state == ferry_api::agent::InstanceState::Ready)
+        .map(|i| i.id)
+        .context("the ready instance")
 }
 
 async fn ready(c: &TestCluster, service: &str) -> Result<usize> {

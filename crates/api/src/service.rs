@@ -719,8 +719,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("a quantity such as"), "{e}");
-        let mut negative = s.clone();
-        negative.cpu = "-1".into();
+        let negative: ServiceSpec = serde_json::from_str(r#"{"image":"x:v1","cpu":-1}"#).unwrap();
+        assert_eq!(negative.cpu, "-1");
         assert!(negative.validate().is_err());
     }
 

@@ -273,9 +273,9 @@ pub fn decide(
     // Scale to zero only after the grace without requests, and then whatever resources say.
     // The grace runs from the end of the last active bucket, plus the second its report may
     // take to come (stats cover the second before they arrive): until then the revision counts
-    // as busy. From the bucket's start, a revision serving requests without a pause looked
-    // idle for up to two seconds of every second-long report cycle, and a short grace scaled
-    // it to zero under load, then restarted it (and the flips engaged anti-thrash).
+    // as busy. Counted from the bucket's start, a revision serving without a pause was
+    // already up to two seconds "idle" just before each report came, and a grace that short
+    // scaled it to zero under load, then restarted it (and the flips engaged anti-thrash).
     let idle_for = match last_activity {
         None => Some(u64::MAX),
         Some(t) => now.checked_sub(t.saturating_add(ACTIVITY_SPAN_MS)),

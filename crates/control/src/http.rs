@@ -492,54 +492,54 @@ async fn logs(
         Err(e) if e.code == "instance_not_found" => {
             // Control forgets a stopped instance a minute after it stops; the usage record
             // still names it, and the node that ran it keeps its log for the log retention.
-            let Some(id) = c
+            match c
                 .store
                 .past_instance(&name, svc.created_ms, q.instance.as_deref())?
-            else {
-                return Err(e);
-            };
-            let nodes: Vec<(String, std::net::SocketAddr)> = {
-                let live = c.live.lock().expect("live state lock");
-                live.nodes
-                    .iter()
-                    .filter_map(|(n, s)| Some((n.clone(), s.api_address?)))
-                    .collect()
-            };
-            let mut unreachable = Vec::new();
-            for (node, addr) in nodes {
-                match c
-                    .http
-                    .get(format!("http://{addr}{}", path(&id)))
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {}
-                    Ok(r) => return Ok(relay(r)),
-                    Err(e) => unreachable.push(format!("{node}: {e}")),
-                }
+            {
+                Some(id) => past_log(&c, &name, &id, &path(&id)).await,
+                None => Err(e),
             }
-            if !unreachable.is_empty() {
-                return Err(err(
-                    StatusCode::BAD_GATEWAY,
-                    "node_unreachable",
-                    format!(
-                        "no reachable node has the log of instance {id:?}; unreachable: {}",
-                        unreachable.join("; ")
-                    ),
-                ));
-            }
-            Err(err(
-                StatusCode::NOT_FOUND,
-                "log_not_kept",
-                format!(
-                    "instance {id:?} of service {name:?} stopped and its log is no longer kept \
-                     (nodes remove the logs of stopped instances after their log retention, 24h \
-                     unless `ferry server --log-retention` says otherwise)"
-                ),
-            ))
         }
         Err(e) => Err(e),
     }
+}
+
+/// The log of instance `id` of `service`, no longer tracked: from whichever node still has it.
+async fn past_log(c: &Control, service: &str, id: &str, path: &str) -> Result<Response> {
+    let nodes: Vec<(String, std::net::SocketAddr)> = {
+        let live = c.live.lock().expect("live state lock");
+        live.nodes
+            .iter()
+            .filter_map(|(n, s)| Some((n.clone(), s.api_address?)))
+            .collect()
+    };
+    let mut unreachable = Vec::new();
+    for (node, addr) in nodes {
+        match c.http.get(format!("http://{addr}{path}")).send().await {
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {}
+            Ok(r) => return Ok(relay(r)),
+            Err(e) => unreachable.push(format!("{node}: {e}")),
+        }
+    }
+    if !unreachable.is_empty() {
+        return Err(err(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!(
+                "no reachable node has the log of instance {id:?}; unreachable: {}",
+                unreachable.join("; ")
+            ),
+        ));
+    }
+    Err(err(
+        StatusCode::NOT_FOUND,
+        "log_not_kept",
+        format!(
+            "instance {id:?} of service {service:?} stopped and its log is no longer kept \
+             (nodes remove the logs of stopped instances after their log retention, 24h \
+             unless `ferry server --log-retention` says otherwise)"
+        ),
+    ))
 }
 
 #[derive(Deserialize, serde::Serialize)]

@@ -89,6 +89,14 @@ pub struct RevisionSignals {
     pub replacing_crashed: bool,
 }
 
+impl RevisionSignals {
+    /// An instance could not be made or placed: requests fail at once with `why`.
+    fn cannot_start(&mut self, why: String) {
+        self.replacing_crashed = false;
+        self.last_failure = Some(why);
+    }
+}
+
 #[derive(Default)]
 pub struct Live {
     pub nodes: BTreeMap<String, NodeInfo>,
@@ -432,9 +440,10 @@ impl Live {
                                         );
                                     }
                                     Err(e) => {
-                                        let sig = self.signals.entry(rev.name.clone()).or_default();
-                                        sig.replacing_crashed = false;
-                                        sig.last_failure = Some(e);
+                                        self.signals
+                                            .entry(rev.name.clone())
+                                            .or_default()
+                                            .cannot_start(e);
                                         break;
                                     }
                                 }
@@ -444,9 +453,7 @@ impl Live {
                                 if sig.last_failure.is_none() {
                                     tracing::warn!(revision = %rev.name, reason = %refusal, "cannot place an instance");
                                 }
-                                sig.replacing_crashed = false;
-                                sig.last_failure =
-                                    Some(format!("cannot place an instance: {refusal}"));
+                                sig.cannot_start(format!("cannot place an instance: {refusal}"));
                                 break;
                             }
                         }

@@ -199,8 +199,9 @@ impl DaemonArgs {
             .filter(|b| *b >= ferry_agent::MIN_LOG_MAX_BYTES)
             .with_context(|| {
                 format!(
-                    "log max size {log_max_size:?}: expected a size of at least 4Ki, like 10Mi \
-                     or 512Ki"
+                    "log max size {log_max_size:?}: expected a size of at least {}, like 10Mi \
+                     or 512Ki",
+                    ferry_api::Memory(ferry_agent::MIN_LOG_MAX_BYTES)
                 )
             })?;
         let log_retention = self

@@ -81,7 +81,7 @@ impl H2cPool {
         if let Err(source) = sender.ready().await {
             // The connection ended between uses (the instance went, or closed it): nothing was
             // sent on it, so a new one is as good.
-            self.forget(addr, &sender);
+            self.forget_closed(addr);
             if source.is_closed() {
                 sender = self.connect(addr).await?;
             } else {
@@ -117,13 +117,11 @@ impl H2cPool {
         Ok(sender)
     }
 
-    /// Drops the pooled connection to `addr` if it is still `dead`.
-    fn forget(&self, addr: SocketAddr, dead: &SendRequest<GatewayBody>) {
+    /// Drops the pooled connection to `addr` if it has ended (and not one another request
+    /// opened since: clones of a sender share their connection's state).
+    fn forget_closed(&self, addr: SocketAddr) {
         let mut conns = self.conns.lock().unwrap();
-        if conns
-            .get(&addr)
-            .is_some_and(|s| s.is_closed() || dead.is_closed())
-        {
+        if conns.get(&addr).is_some_and(|s| s.is_closed()) {
             conns.remove(&addr);
         }
     }
